@@ -1,0 +1,378 @@
+"""Options: every field of the TokenGS release (same names, same defaults), ours, and the presets.
+
+`Options` is validated on construction and on every `evolve`; a bad value raises
+`OptionsError` naming the field and how to fix it. `config_defaults` maps a preset name to
+its `Options`; `config_doc` gives one line of help per preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Literal, Optional, Tuple
+
+BG_COLORS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "grey": (0.5, 0.5, 0.5)}
+MEAN_OF_GRADS_MODES = ("none", "per-scene", "per-view")
+TTT_MODES = {"token-tuning": "token-tuning", "tokens": "token-tuning",
+             "scene-latent-tuning": "scene-latent-tuning", "latents": "scene-latent-tuning"}
+CAMERA_NORMALIZATION_METHODS = ("first_cam", "mean_cam")
+CAMERA_SCALE_METHODS = ("constant", "distance", "bound", "pointmap")
+RGB_LOSS_TYPES = ("l1", "l2")
+RENDER_BACKENDS = ("auto", "gsplat", "torch")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+EVAL_METRICS = ("psnr", "ssim", "lpips")
+
+
+class OptionsError(ValueError):
+    """An option has a value the framework cannot run with; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Options:
+    # ---- run -------------------------------------------------------------------------------
+    evaluating: bool = False
+    workspace: str = "./workspace"
+    resume: Optional[str] = None
+    model_type: str = "tokengs"
+    seed: int = 42
+    use_wandb: bool = False
+    experiment_name: str = "tokengs"
+    out_dir: str = "outputs"
+    project_name: str = "TokenGS"
+
+    # ---- model -----------------------------------------------------------------------------
+    img_size: Tuple[int, int] = (256, 256)
+    patch_size: int = 8
+    dec_patch_size: Optional[int] = None  # None -> patch_size, resolved on construction
+    enc_depth: int = 3
+    dec_depth: int = 12
+    enc_embed_dim: int = 1024
+    enc_num_heads: int = 16
+    mlp_ratio: int = 4
+    clip_head_readout_std: float = 0.002
+    clip_head_z_init: Optional[float] = None
+    dec_init_values: Optional[float] = None
+    bg_color: str = "grey"
+    gaussian_scale_cap: float = 0.075
+    opacity_bias: float = 2.0
+    gaussian_z_offset: float = 1.0
+    num_gs_tokens: int = 1024
+    token_dim: int = 1024
+    gs_token_std: float = 0.01
+    num_dynamic_gs_tokens: int = 0
+    init_dynamic_tokens_from_static: bool = False
+    init_tokens_from_existing: bool = False
+    init_latents_from_existing: bool = False
+
+    # ---- data ------------------------------------------------------------------------------
+    data_mode: Tuple[Tuple[str, int], ...] = (("dl3dv_scaled_0.15", 6),)
+    num_views: int = 8
+    num_input_views: int = 4
+    znear: float = 0.025
+    zfar: float = 125.0
+    camera_normalization_method: str = "first_cam"
+    camera_scale_method: str = "constant"
+    pointmap_trim_lo: float = 0.0
+    pointmap_trim_hi: float = 1.0
+    num_workers: int = 16
+    dataset_kwargs: Optional[Dict[str, str]] = None
+
+    # ---- optimisation ----------------------------------------------------------------------
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_epochs: int = 30
+    max_iters_per_epoch: int = 1000000
+    lr: float = 0.0004
+    pct_start_steps: int = 1000
+    final_div_factor: float = 1000.0
+    gradient_clip: float = 1.0
+    mixed_precision: str = "bf16"
+    deferred_bp: bool = False
+    use_input_supervision: bool = False
+    mean_of_grads: str = "none"
+    mean_of_grads_scene_chunk_size: int = 1
+    mean_of_grads_view_chunk_size: Optional[int] = None
+
+    # ---- losses ----------------------------------------------------------------------------
+    rgb_loss_type: str = "l2"
+    lambda_rgb: float = 1.0
+    lambda_lpips: float = 0.0
+    lambda_mask: float = 0.0
+    lambda_ssim: float = 0.2
+    lambda_visibility: float = 1.0
+    visibility_distance_threshold: float = 1.0
+    lambda_opacity: float = 0.0
+    lambda_dyn_aux: float = 0.0
+    lambda_dyn_aux_warmup_steps: int = 0
+    lambda_dyn_aux_decay_steps: int = 0
+    lambda_dyn_aux_min: float = 0.0
+
+    # ---- logging and evaluation ------------------------------------------------------------
+    print_freq: int = 10
+    log_image_freq: int = 100
+    eval_n_media_dumps: int = 0
+    strict_checkpoint_loading: bool = True
+    use_ttt_for_eval: bool = False
+    ttt_mode: str = "token-tuning"
+    ttt_n_steps: int = 50
+    ttt_lr: float = 0.0001
+
+    # ---- dynamic scenes and architecture variants ------------------------------------------
+    time_embedding: bool = False
+    time_embedding_dim: int = 2
+    use_interp_target: bool = False
+    use_multiscale_encoder: bool = False
+    multiscale_encoder_layers: Tuple[int, ...] = (5, 7, 9, 11)
+    use_latent_bottleneck: bool = False
+    num_latents: int = 4096
+    latent_cross_attn_depth: int = 12
+    random_reflect: bool = True
+
+    # ---- ours (not in the release) ---------------------------------------------------------
+    render_backend: str = "auto"
+    """Rasterizer: gsplat on CUDA, the pure-PyTorch one on the CPU; auto picks by device."""
+    eval_metrics: Tuple[str, ...] = ("psnr", "ssim", "lpips")
+    """Metrics evaluation computes; drop lpips when its VGG weights are not available."""
+    eval_render_chunk_size: int = 8
+    """Target views rendered per chunk in evaluation (bounds memory for 50-view scenes)."""
+    save_every_steps: int = 1000
+    """Write a resumable checkpoint every this many optimizer steps (and at each epoch end)."""
+    max_consecutive_load_failures: int = 50
+    """Training stops with an error after this many scenes in a row fail to load."""
+    max_consecutive_nonfinite_steps: int = 20
+    """Training stops with an error after this many skipped (NaN/Inf) steps in a row."""
+    retrain: bool = False
+    """Train again in a workspace that already holds a COMPLETE marker."""
+    activation_checkpointing: bool = False
+    """Recompute encoder/decoder blocks in backward to save memory."""
+
+    def __post_init__(self) -> None:
+        if self.dec_patch_size is None:
+            object.__setattr__(self, "dec_patch_size", self.patch_size)
+        # tuples from YAML/JSON/CLI arrive as lists; keep the dataclass hashable and comparable
+        object.__setattr__(self, "img_size", tuple(int(v) for v in self.img_size))
+        object.__setattr__(self, "data_mode", tuple((str(n), int(r)) for n, r in self.data_mode))
+        object.__setattr__(self, "multiscale_encoder_layers", tuple(int(v) for v in self.multiscale_encoder_layers))
+        object.__setattr__(self, "eval_metrics", tuple(str(v) for v in self.eval_metrics))
+        if self.dataset_kwargs is not None:
+            object.__setattr__(self, "dataset_kwargs", dict(self.dataset_kwargs))
+        validate(self)
+
+    # Options is frozen, so a changed copy is made with evolve; it is validated again.
+    def evolve(self, **changes: Any) -> "Options":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise OptionsError(f"unknown option(s) {', '.join(unknown)}: see tokengs/options.py for the field names")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def resolved_ttt_mode(self) -> str:
+        return TTT_MODES[self.ttt_mode]
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size[0] // self.patch_size) * (self.img_size[1] // self.patch_size)
+
+    @property
+    def num_gaussians(self) -> int:
+        return (self.num_gs_tokens + self.num_dynamic_gs_tokens) * self.dec_patch_size**2
+
+    @property
+    def bg_rgb(self) -> Tuple[float, float, float]:
+        return BG_COLORS[self.bg_color]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON/YAML types (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "Options":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise OptionsError(f"{source}: unknown option(s) {', '.join(unknown)}; remove them or fix their names")
+        return cls(**values)
+
+    def save_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: str | Path) -> "Options":
+        import yaml
+
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise OptionsError(f"config file {path} does not exist; pass the config.yaml of a training workspace") from None
+        except yaml.YAMLError as exc:
+            raise OptionsError(f"config file {path} is not valid YAML ({exc}); fix or regenerate it") from None
+        if not isinstance(values, dict):
+            raise OptionsError(f"config file {path} must hold a mapping of option names to values")
+        return cls.from_dict(values, source=str(path))
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise OptionsError(message)
+
+
+def _one_of(opt: Options, name: str, allowed) -> None:
+    value = getattr(opt, name)
+    _require(value in allowed, f"{name}={value!r} is not known; use one of {', '.join(map(repr, allowed))}")
+
+
+def validate(opt: Options) -> None:
+    """Raise OptionsError for a combination the framework cannot run (the foundation issue's list)."""
+    h, w = opt.img_size
+    _require(h % opt.patch_size == 0 and w % opt.patch_size == 0,
+             f"img_size={opt.img_size} is not divisible by patch_size={opt.patch_size}; "
+             f"set --img_size to multiples of {opt.patch_size} or change --patch_size")
+    if not opt.evaluating and not opt.use_input_supervision:
+        _require(opt.num_views > opt.num_input_views,
+                 f"num_views={opt.num_views} leaves no target view after num_input_views={opt.num_input_views}; "
+                 "raise --num_views above --num_input_views or turn on --use_input_supervision")
+    _one_of(opt, "mean_of_grads", MEAN_OF_GRADS_MODES)
+    _require(not (opt.deferred_bp and opt.mean_of_grads != "none"),
+             "deferred_bp and mean_of_grads both change backpropagation and cannot be combined; "
+             "turn off --deferred_bp or set --mean_of_grads none")
+    _one_of(opt, "ttt_mode", tuple(TTT_MODES))
+    _one_of(opt, "camera_normalization_method", CAMERA_NORMALIZATION_METHODS)
+    _one_of(opt, "camera_scale_method", CAMERA_SCALE_METHODS)
+    _one_of(opt, "bg_color", tuple(BG_COLORS))
+    _one_of(opt, "rgb_loss_type", RGB_LOSS_TYPES)
+    _one_of(opt, "render_backend", RENDER_BACKENDS)
+    _one_of(opt, "mixed_precision", MIXED_PRECISIONS)
+    for metric in opt.eval_metrics:
+        _require(metric in EVAL_METRICS, f"eval_metrics holds {metric!r}; use any of {', '.join(EVAL_METRICS)}")
+    for name in ("mean_of_grads_scene_chunk_size", "mean_of_grads_view_chunk_size", "eval_render_chunk_size"):
+        value = getattr(opt, name)
+        _require(value is None or value > 0, f"{name}={value} must be a positive number of scenes/views")
+    if opt.use_multiscale_encoder:
+        bad = [i for i in opt.multiscale_encoder_layers if not 0 <= i < opt.enc_depth]
+        _require(not bad, f"multiscale_encoder_layers {bad} lie outside the encoder's {opt.enc_depth} layers "
+                          f"(0..{opt.enc_depth - 1}); fix --multiscale_encoder_layers or --enc_depth")
+    _require(not (TTT_MODES[opt.ttt_mode] == "scene-latent-tuning" and not opt.use_latent_bottleneck),
+             f"ttt_mode={opt.ttt_mode!r} tunes scene latents, which exist only with the latent bottleneck; "
+             "set --use_latent_bottleneck or --ttt_mode token-tuning")
+    if opt.num_dynamic_gs_tokens > 0:
+        _require(opt.num_dynamic_gs_tokens <= opt.num_patches,
+                 f"num_dynamic_gs_tokens={opt.num_dynamic_gs_tokens} exceeds the {opt.num_patches} time-embedding "
+                 f"patches of img_size={opt.img_size} with patch_size={opt.patch_size}; lower --num_dynamic_gs_tokens")
+    _require(not (opt.evaluating and opt.use_input_supervision),
+             "use_input_supervision is a training option; turn it off when evaluating")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. Each release preset holds exactly the release's values; ours follow below.
+# ---------------------------------------------------------------------------------------------
+
+_WIDE = dict(img_size=(256, 448), num_gs_tokens=4096)
+_FINETUNE = dict(init_tokens_from_existing=True, num_epochs=20, max_iters_per_epoch=500, lr=4e-05, pct_start_steps=400)
+_EVAL_DL3DV = dict(evaluating=True, data_mode=(("dl3dv_eval_scaled_0.15", 1),), batch_size=1)
+_VIEWS = {2: dict(num_input_views=2), 4: dict(), 6: dict(num_views=10, num_input_views=6)}
+_EVAL_VIEWS = {2: dict(num_input_views=2), 4: dict(), 6: dict(num_input_views=6)}  # eval keeps num_views 8
+# The latent-bottleneck "SA d12" architecture shared by the latent and Kubric presets.
+_LATENT_ARCH = dict(enc_depth=12, dec_depth=1, clip_head_z_init=0.1, dec_init_values=0.01, gaussian_z_offset=0.0,
+                    gs_token_std=0.02, camera_normalization_method="mean_cam", use_multiscale_encoder=True,
+                    use_latent_bottleneck=True)
+_LOSS = {"ssim": dict(rgb_loss_type="l1", lambda_rgb=0.8), "lpips": dict(lambda_lpips=0.5, lambda_ssim=0.0)}
+_KUBRIC = dict(project_name="TokenGS-Kubric", **_LATENT_ARCH, init_tokens_from_existing=True,
+               data_mode=(("kubric_scaled_1.0", 100),), camera_scale_method="pointmap", dataset_kwargs={},
+               num_epochs=100, max_iters_per_epoch=500, lr=4e-05, pct_start_steps=2500, rgb_loss_type="l1",
+               lambda_rgb=0.8, use_interp_target=True)
+_KUBRIC_DYN = dict(_KUBRIC, num_dynamic_gs_tokens=256, init_dynamic_tokens_from_static=True, time_embedding=True)
+_KUBRIC_RELEASE = dict(_KUBRIC_DYN, lambda_dyn_aux=0.3, lambda_dyn_aux_warmup_steps=5000,
+                       lambda_dyn_aux_decay_steps=10000)
+_EVAL_JSON = "assets/evaluation_idx_dl3dv_depthsplat_{}v.json"
+
+# Small models that train in seconds to minutes on a laptop CPU (tests, the demo).
+_TINY = dict(img_size=(32, 48), patch_size=8, enc_depth=2, dec_depth=2, enc_embed_dim=64, enc_num_heads=4,
+             token_dim=64, num_gs_tokens=64, dec_patch_size=2, num_views=4, num_input_views=2, batch_size=2,
+             num_workers=0, mixed_precision="no", num_epochs=2, max_iters_per_epoch=4, lr=1e-3,
+             pct_start_steps=2, print_freq=1, log_image_freq=1000000, save_every_steps=1000000,
+             data_mode=(("dl3dv", 1),), dataset_kwargs={"root_path": "data/synthetic/dl3dv"}, gaussian_scale_cap=0.3)
+_TINY_LATENT = dict(_TINY, enc_depth=4, dec_depth=1, use_multiscale_encoder=True, multiscale_encoder_layers=(1, 3),
+                    use_latent_bottleneck=True, num_latents=16, latent_cross_attn_depth=2, clip_head_z_init=0.1,
+                    dec_init_values=0.01, gaussian_z_offset=0.0, camera_normalization_method="mean_cam")
+_RE10K = dict(img_size=(256, 256), num_input_views=2, num_views=6, data_mode=(("re10k", 1),),
+              camera_scale_method="distance")
+
+_PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "train_dl3dv_base": ("Train on DL3DV from scratch: 300 epochs of at most 500 iterations, 2000 warm-up steps.",
+                         dict(num_epochs=300, max_iters_per_epoch=500, pct_start_steps=2000)),
+}
+for _v in (2, 4, 6):
+    _PRESETS[f"finetune_dl3dv_{_v}view"] = (
+        f"Finetune a DL3DV model at 256x448 with 4096 tokens, {_v} context views, short schedule.",
+        dict(_WIDE, **_FINETUNE, **_VIEWS[_v]))
+for _v in (2, 4, 6):
+    _PRESETS[f"eval_dl3dv_{_v}view"] = (
+        f"Evaluate on the DL3DV benchmark with {_v} context views (view choice from the {_v}v evaluation JSON).",
+        dict(_WIDE, **_EVAL_DL3DV, **_EVAL_VIEWS[_v], dataset_kwargs={"evaluation_json": _EVAL_JSON.format(_v)}))
+for _v in (2, 4, 6):
+    for _loss in ("ssim", "lpips"):
+        _PRESETS[f"finetune_dl3dv_latent_{_v}view_{_loss}"] = (
+            f"Finetune the latent-bottleneck d12 DL3DV model ({_loss.upper()} loss) with {_v} context views.",
+            dict(_WIDE, **_LATENT_ARCH, **_FINETUNE, init_latents_from_existing=True, **_VIEWS[_v], **_LOSS[_loss]))
+for _v in (2, 4, 6):
+    for _loss in ("ssim", "lpips"):
+        _PRESETS[f"eval_dl3dv_latent_{_v}view_{_loss}"] = (
+            f"Evaluate the latent-bottleneck d12 DL3DV {_loss.upper()} model with {_v} context views; "
+            "test-time tuning adapts the scene latents.",
+            dict(_WIDE, **_LATENT_ARCH, **_EVAL_DL3DV, **_EVAL_VIEWS[_v], **_LOSS[_loss],
+                 dataset_kwargs={"evaluation_json": _EVAL_JSON.format(_v)}, ttt_mode="scene-latent-tuning",
+                 ttt_lr=0.01))
+_PRESETS.update({
+    "finetune_dl3dv_kubric_dyn": (
+        "Kubric 4D finetune of the DL3DV model: 256 dynamic tokens started from the static ones, time embeddings, "
+        "interpolated targets, pointmap camera scale.", _KUBRIC_DYN),
+    "finetune_dl3dv_kubric_static": (
+        "Kubric finetune without dynamic tokens or time (first stage of the two-stage warm start).", _KUBRIC),
+    "finetune_dl3dv_kubric_dyn_v2": (
+        "Kubric dynamic finetune plus a render loss of the dynamic Gaussians alone (weight 0.3, constant).",
+        dict(_KUBRIC_DYN, lambda_dyn_aux=0.3)),
+    "finetune_dl3dv_kubric_dyn_release": (
+        "The released Kubric dynamic schedule: dynamic-only loss 0.3 for 5K steps, then linearly to 0 over 10K.",
+        _KUBRIC_RELEASE),
+    "finetune_dl3dv_kubric_dyn_v3": ("Same as finetune_dl3dv_kubric_dyn_release (older name).", _KUBRIC_RELEASE),
+    # ---- ours ----
+    "train_re10k": ("Train on RealEstate10K chunks: 2 context views at 256x256 (the pixelSplat benchmark setting).",
+                    dict(_RE10K)),
+    "eval_re10k": ("Evaluate on RealEstate10K test chunks with 2 context views at 256x256.",
+                   dict(_RE10K, evaluating=True, batch_size=1)),
+    "tiny": ("A tiny plain model on synthetic DL3DV-layout scenes; trains on a laptop CPU in seconds.", _TINY),
+    "tiny_eval": ("Evaluate the tiny model on synthetic DL3DV-benchmark-layout scenes.",
+                  dict(_TINY, evaluating=True, batch_size=1, data_mode=(("dl3dv_eval", 1),),
+                       dataset_kwargs={"root_path": "data/synthetic/dl3dv_eval"}, eval_metrics=("psnr", "ssim"),
+                       ttt_n_steps=10, ttt_lr=1e-2)),
+    "tiny_latent": ("A tiny latent-bottleneck model with multiscale readout on synthetic scenes.", _TINY_LATENT),
+    "tiny_kubric_dyn": ("A tiny dynamic model on synthetic Kubric-layout scenes, with the auxiliary dynamic loss.",
+                        dict(_TINY_LATENT, num_dynamic_gs_tokens=8, time_embedding=True, use_interp_target=True,
+                             data_mode=(("kubric", 1),), dataset_kwargs={"root_path": "data/synthetic/kubric"},
+                             camera_scale_method="pointmap", lambda_dyn_aux=0.3, lambda_dyn_aux_warmup_steps=2,
+                             lambda_dyn_aux_decay_steps=4)),
+})
+
+config_doc: Dict[str, str] = {name: doc for name, (doc, _) in _PRESETS.items()}
+config_defaults: Dict[str, Options] = {name: Options(**changes) for name, (_, changes) in _PRESETS.items()}
+
+
+def get_preset(name: str) -> Options:
+    try:
+        return config_defaults[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, config_defaults, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise OptionsError(f"unknown preset {name!r}{hint}; `python -m tokengs.train --help` lists them") from None
+
+
+def option_type_hints() -> Dict[str, Any]:
+    return typing.get_type_hints(Options)
