@@ -1,0 +1,154 @@
+"""Options: every release preset holds the release's values; validation; YAML round trip; CLI."""
+
+import dataclasses
+import json
+
+import pytest
+
+from tokengs.cli import parse_options
+from tokengs.options import Options, OptionsError, config_defaults, config_doc
+from conftest import SHARED
+
+PRESETS_JSON = SHARED / "presets.json"
+PRESETS_MD = SHARED / "PRESETS.md"
+
+
+def _release():
+    if not PRESETS_JSON.is_file():
+        pytest.skip(f"{PRESETS_JSON} not found (shared/ is absent in this checkout)")
+    return json.loads(PRESETS_JSON.read_text())
+
+
+def test_defaults_equal_release():
+    release = _release()
+    ours = Options().to_dict()
+    for name, value in release["defaults"].items():
+        assert name in ours, f"release field {name} missing"
+        assert ours[name] == value, name
+
+
+@pytest.mark.parametrize("preset", sorted(json.loads(PRESETS_JSON.read_text())["presets"]) if PRESETS_JSON.is_file() else [])
+def test_release_preset_values(preset):
+    release = _release()
+    expected = dict(release["defaults"], **release["presets"][preset])
+    ours = config_defaults[preset].to_dict()
+    assert {k: ours[k] for k in expected} == expected
+
+
+def test_presets_md_lists_every_preset():
+    if not PRESETS_MD.is_file():
+        pytest.skip(f"{PRESETS_MD} not found")
+    rows = [line for line in PRESETS_MD.read_text().splitlines() if line.startswith("| `") and "=" in line]
+    names = [row.split("`")[1] for row in rows]
+    assert len(names) == 24
+    for row, name in zip(rows, names):
+        assert name in config_defaults
+        # spot-check scalar values in the markdown too (independent of presets.json)
+        for part in row.split("|")[3].split(", "):
+            key, _, value = part.strip().partition("=")
+            if key in ("lr", "num_views", "num_input_views", "enc_depth", "ttt_mode", "lambda_dyn_aux"):
+                assert repr(getattr(config_defaults[name], key)).replace("'", "") == value.replace("'", "")
+
+
+def test_every_preset_has_help():
+    assert set(config_doc) == set(config_defaults)
+    assert all(doc and "\n" not in doc for doc in config_doc.values())
+
+
+def test_dec_patch_size_resolved():
+    assert Options().dec_patch_size == 8
+    assert Options(patch_size=16, img_size=(256, 256)).dec_patch_size == 16
+    assert config_defaults["finetune_dl3dv_6view"].dec_patch_size == 8
+
+
+def test_ours_presets_construct():
+    for name in ("tiny", "tiny_eval", "tiny_latent", "tiny_kubric_dyn", "train_re10k", "eval_re10k"):
+        assert config_defaults[name].img_size[0] % config_defaults[name].patch_size == 0
+    assert config_defaults["train_re10k"].num_input_views == 2 and config_defaults["train_re10k"].img_size == (256, 256)
+
+
+BAD = [
+    (dict(img_size=(250, 256)), "img_size"),
+    (dict(num_views=4, num_input_views=4), "num_views"),
+    (dict(deferred_bp=True, mean_of_grads="per-scene"), "deferred_bp"),
+    (dict(mean_of_grads="scene"), "mean_of_grads"),
+    (dict(ttt_mode="weights"), "ttt_mode"),
+    (dict(camera_normalization_method="median_cam"), "camera_normalization_method"),
+    (dict(camera_scale_method="median"), "camera_scale_method"),
+    (dict(bg_color="red"), "bg_color"),
+    (dict(mean_of_grads_scene_chunk_size=0), "mean_of_grads_scene_chunk_size"),
+    (dict(mean_of_grads_view_chunk_size=-1), "mean_of_grads_view_chunk_size"),
+    (dict(use_multiscale_encoder=True, enc_depth=3), "multiscale_encoder_layers"),
+    (dict(ttt_mode="scene-latent-tuning"), "ttt_mode"),
+    (dict(ttt_mode="latents"), "ttt_mode"),
+    (dict(num_dynamic_gs_tokens=2000, img_size=(256, 256)), "num_dynamic_gs_tokens"),
+    (dict(evaluating=True, use_input_supervision=True), "use_input_supervision"),
+]
+
+
+@pytest.mark.parametrize("changes,field", BAD)
+def test_validation_on_construction_and_evolve(changes, field):
+    with pytest.raises(OptionsError, match=field):
+        Options(**changes)
+    with pytest.raises(OptionsError, match=field):
+        Options().evolve(**changes)
+
+
+def test_validation_allows_the_boundaries():
+    Options(num_views=4, num_input_views=4, use_input_supervision=True)
+    Options(evaluating=True, num_views=4, num_input_views=4)
+    Options(num_dynamic_gs_tokens=1024, img_size=(256, 256))  # exactly the patch count
+    Options(num_gs_tokens=5000)  # no dynamic tokens: no token/patch check
+    Options(use_latent_bottleneck=True, ttt_mode="latents")
+    Options(use_multiscale_encoder=True, enc_depth=12)
+
+
+def test_evolve_unknown_field():
+    with pytest.raises(OptionsError, match="unknown option"):
+        Options().evolve(learning_rate=1.0)
+
+
+def test_yaml_round_trip(tmp_path):
+    for name in ("finetune_dl3dv_kubric_dyn_release", "eval_dl3dv_latent_6view_ssim", "tiny"):
+        opt = config_defaults[name].evolve(lr=1.5e-4, dataset_kwargs={"root_path": "x"})
+        path = tmp_path / f"{name}.yaml"
+        opt.save_yaml(path)
+        loaded = Options.load_yaml(path)
+        assert loaded == opt
+        assert dataclasses.asdict(loaded) == dataclasses.asdict(opt)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    with pytest.raises(OptionsError, match="does not exist"):
+        Options.load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 1\nlearnig_rate: 2\n")
+    with pytest.raises(OptionsError, match="learnig_rate"):
+        Options.load_yaml(bad)
+
+
+def test_cli_preset_and_flags(tmp_path):
+    opt = parse_options(["finetune_dl3dv_6view", "--lr", "1e-3", "--use_ttt_for_eval", "--no-random_reflect",
+                         "--strict_checkpoint_loading", "False", "--dataset_kwargs", "root_path", "D",
+                         "--data_mode", "dl3dv_scaled_0.15", "2", "re10k", "1"])
+    assert opt == config_defaults["finetune_dl3dv_6view"].evolve(
+        lr=1e-3, use_ttt_for_eval=True, random_reflect=False, strict_checkpoint_loading=False,
+        dataset_kwargs={"root_path": "D"}, data_mode=(("dl3dv_scaled_0.15", 2), ("re10k", 1)))
+    path = tmp_path / "config.yaml"
+    opt.save_yaml(path)
+    assert parse_options(["--config", str(path), "--num_epochs", "3"]) == opt.evolve(num_epochs=3)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["finetune_dl3dv_6vew"], "unknown preset"),
+    (["tiny", "--lrr", "1"], "did you mean --lr"),
+    (["tiny", "--lr", "abc"], "--lr"),
+    (["tiny", "--img_size", "30", "30"], "img_size"),
+    (["tiny", "--config"], "--config"),
+])
+def test_cli_errors_one_line_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_options(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err

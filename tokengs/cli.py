@@ -1,0 +1,119 @@
+"""Command-line parsing shared by `tokengs.train` and `tokengs.evaluate`.
+
+`PRESET [--field value ...]` (tyro subcommands over the presets, one help line each) or
+`--config W/config.yaml [--field value ...]` (a training workspace's options). Boolean fields
+take the release's flag form (`--use_ttt_for_eval`, `--no-random_reflect`) and also an
+explicit `--field True|False`. Every mistake ends in one line saying what to fix, exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import io
+import sys
+import typing
+from typing import Optional, Sequence
+
+from tokengs.options import Options, OptionsError, config_defaults, config_doc
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Options)}
+_BOOL_FIELDS = {name for name, hint in typing.get_type_hints(Options).items() if hint is bool}
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _flag_name(arg: str) -> Optional[str]:
+    """'--use-ttt_for-eval' / '--no-random_reflect' -> the Options field name, or None."""
+    if not arg.startswith("--") or arg in ("--help",):
+        return None
+    name = arg[2:].split("=", 1)[0].replace("-", "_")
+    if name.startswith("no_") and name[3:] in _BOOL_FIELDS:
+        return name[3:]
+    return name
+
+
+def _normalize_bools(args: list[str]) -> list[str]:
+    """Accept `--flag True/False` for boolean fields besides tyro's `--flag` / `--no-flag`."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name = _flag_name(arg)
+        if name in _BOOL_FIELDS and not arg[2:].replace("-", "_").startswith("no_"):
+            value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
+            if value is not None and value.lower() in _TRUE | _FALSE:
+                out.append(f"--{name}" if value.lower() in _TRUE else f"--no-{name}")
+                i += 1 if "=" in arg else 2
+                continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _check_flags(args: Sequence[str], extra: Sequence[str]) -> None:
+    """Name an unknown flag (with its closest field) before tyro prints a page of help."""
+    known = set(_FIELDS) | {e.lstrip("-").replace("-", "_") for e in extra}
+    for arg in args:
+        name = _flag_name(arg)
+        if name is None or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean --{close[0]}?" if close else ""
+        fail(f"unknown flag {arg}{hint} (`--help` lists every option)")
+
+
+def parse_options(argv: Optional[Sequence[str]] = None, prog: str = "tokengs",
+                  extra_flags: Sequence[str] = ()) -> Options:
+    """Parse `PRESET [flags]` or `--config FILE [flags]` into a validated Options."""
+    import tyro
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args[:1]) or not args:
+        if not args:
+            fail(f"name a preset or --config FILE; `{prog} --help` lists the presets")
+    config_path = None
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            fail("--config needs the path of a config.yaml")
+        config_path = args[i + 1]
+        del args[i:i + 2]
+    elif args[0] not in config_defaults and not args[0].startswith("-"):
+        close = difflib.get_close_matches(args[0], config_defaults, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        fail(f"unknown preset {args[0]!r}{hint}; `{prog} --help` lists the presets")
+    _check_flags(args[0:] if config_path else args[1:], extra_flags)
+    args = _normalize_bools(args)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            if config_path is not None:
+                base = Options.load_yaml(config_path)
+                return tyro.cli(Options, default=base, args=args, prog=prog)
+            configs = {name: (config_doc[name], opt) for name, opt in config_defaults.items()}
+            return tyro.extras.overridable_config_cli(configs, args=args, prog=prog)
+    except OptionsError as exc:
+        fail(str(exc))
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise
+        fail(_first_message(captured.getvalue()))
+
+
+def _first_message(boxed: str) -> str:
+    """tyro's boxed error -> its message on one line (the text before the first rule)."""
+    lines = []
+    for line in boxed.splitlines()[1:]:
+        text = line.strip().strip("│╭╮╰╯").strip()
+        if not text or text.startswith("─"):
+            if lines:
+                break
+            continue
+        lines.append(text)
+    return " ".join(lines) or boxed.strip()
