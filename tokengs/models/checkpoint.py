@@ -1,0 +1,259 @@
+"""Model checkpoints: read (.safetensors, .pt/.pth), load strictly or tolerantly, write atomically.
+
+Strict loading (evaluation) raises one `CheckpointError` listing every missing, unexpected and
+mis-shaped key and naming the preset the checkpoint most likely belongs to. Tolerant loading
+(finetuning) loads what fits, logs each key it skips, and starts tokens/latents of another count
+from the checkpoint's (init_tokens_from_existing, init_latents_from_existing,
+init_dynamic_tokens_from_static).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from tokengs.models.tokengs import TokenGS
+from tokengs.options import Options, config_defaults
+
+log = logging.getLogger(__name__)
+
+StateDict = Dict[str, Tensor]
+# Prefixes wrappers add to every key: DDP/accelerate ("module.") and torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Torch files may wrap the weights in a training checkpoint dict.
+STATE_DICT_WRAPPER_KEYS = ("model", "state_dict")
+TOKEN_NOISE_STD = 0.01
+MAX_LISTED_KEYS = 20
+# Options that decide the parameters' names and shapes (the rest never reach a state dict).
+ARCHITECTURE_FIELDS = ("patch_size", "dec_patch_size", "enc_depth", "dec_depth", "enc_embed_dim", "enc_num_heads",
+                       "mlp_ratio", "num_gs_tokens", "token_dim", "num_dynamic_gs_tokens", "time_embedding",
+                       "time_embedding_dim", "use_multiscale_encoder", "multiscale_encoder_layers",
+                       "use_latent_bottleneck", "num_latents", "latent_cross_attn_depth")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the model; the message names the file and what to do."""
+
+
+def is_lpips_key(name: str) -> bool:
+    # LPIPS's VGG belongs to the losses; older saves that carried it must not leak into the model.
+    return name.startswith("lpips")
+
+
+def normalize_state_dict(state: Mapping[str, Tensor]) -> StateDict:
+    """Strip wrapper prefixes, drop LPIPS keys."""
+    out = {}
+    for name, value in state.items():
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        if not is_lpips_key(name):
+            out[name] = value
+    return out
+
+
+# ---- reading and writing -----------------------------------------------------------------------
+
+def load_weights(path: Union[str, Path]) -> StateDict:
+    """Read a state dict (on the CPU) from .safetensors or a torch file (.pt/.pth/.bin).
+
+    Torch files may hold the state dict itself or wrap it as {'model': ...} / {'state_dict': ...}.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (released weights go in checkpoints/)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the download or copy failed, fetch it again")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({exc}); "
+                                  "it is probably truncated or corrupt: fetch it again") from exc
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+            raise CheckpointError(f"checkpoint {path} cannot be read by torch.load ({exc}); it is probably truncated "
+                                  "or corrupt, or holds objects other than tensors: fetch or re-save it") from exc
+        for key in STATE_DICT_WRAPPER_KEYS:
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    else:
+        raise CheckpointError(f"checkpoint {path} has an unknown suffix {path.suffix!r}; use .safetensors, .pt or .pth")
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    return normalize_state_dict(state)
+
+
+def save_model(model: nn.Module, path: Union[str, Path]) -> None:
+    """Write the model's weights as safetensors, atomically: a reader sees the old file or the new one."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {name: tensor.detach().cpu().contiguous()
+             for name, tensor in normalize_state_dict(model.state_dict()).items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---- token and latent initialization from a checkpoint -----------------------------------------
+
+def resize_tokens(tokens: Tensor, count: int, noise_std: float = TOKEN_NOISE_STD,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """Tokens [M, D] -> [count, D] (init_tokens_from_existing, init_latents_from_existing).
+
+    More than needed: an evenly spaced subset (indices linspace(0, M-1, count), floored), so the
+    kept tokens cover the whole trained set. Fewer: all of them, then copies of them in order
+    (cycling) with N(0, noise_std²) added so the copies can drift apart.
+    """
+    have = tokens.shape[0]
+    if have >= count:
+        return tokens[torch.linspace(0, have - 1, count).long()].clone()
+    repeat = torch.arange(count - have) % have
+    noise = torch.randn(count - have, tokens.shape[1], generator=generator, dtype=tokens.dtype) * noise_std
+    return torch.cat([tokens, tokens[repeat] + noise.to(tokens.device)], dim=0)
+
+
+def dynamic_tokens_from_static(static: Tensor, count: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Static tokens [S, D] -> dynamic tokens [count, D] (init_dynamic_tokens_from_static).
+
+    Equal counts: a copy. More: the static tokens repeated in order. Fewer: a random subset.
+    """
+    have = static.shape[0]
+    if count < have:
+        return static[torch.randperm(have, generator=generator)[:count].to(static.device)].clone()
+    return static[torch.arange(count, device=static.device) % have].clone()
+
+
+# ---- which preset a checkpoint belongs to ------------------------------------------------------
+
+_MANIFESTS: Dict[Tuple, Dict[str, Tuple[int, ...]]] = {}
+
+
+def preset_manifest(opt: Options) -> Dict[str, Tuple[int, ...]]:
+    """Parameter name -> shape of the model these options build (from a meta-device model, no memory)."""
+    architecture = tuple(getattr(opt, name) for name in ARCHITECTURE_FIELDS)
+    if architecture not in _MANIFESTS:
+        with torch.device("meta"):
+            model = TokenGS(opt)
+        _MANIFESTS[architecture] = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return _MANIFESTS[architecture]
+
+
+def guess_presets(state: Mapping[str, Tensor]) -> Tuple[List[str], float]:
+    """The presets whose models fit `state` best, and the fraction of (name, shape) pairs they share."""
+    have = {(name, tuple(t.shape)) for name, t in state.items()}
+    scores = {}
+    for preset, opt in config_defaults.items():
+        want = set(preset_manifest(opt).items())
+        scores[preset] = len(have & want) / len(have | want)
+    best = max(scores.values())
+    return [p for p, s in scores.items() if s == best], best
+
+
+def _describe_preset_guess(state: Mapping[str, Tensor]) -> str:
+    presets, score = guess_presets(state)
+    if score == 1.0:
+        head = f"it probably belongs to preset {presets[0]!r} (every name and shape fits)"
+    else:
+        head = f"it probably belongs to preset {presets[0]!r} ({score:.0%} of the names and shapes fit)"
+    same = f"; presets of the same architecture: {', '.join(presets[1:])}" if len(presets) > 1 else ""
+    return head + same
+
+
+# ---- loading into a model ----------------------------------------------------------------------
+
+@dataclass
+class LoadReport:
+    loaded: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)  # "name: why"
+    initialized: List[str] = field(default_factory=list)  # "name: rule"
+
+
+def _listing(title: str, items: List[str]) -> str:
+    shown = "\n".join(f"    {item}" for item in items[:MAX_LISTED_KEYS])
+    more = f"\n    ... and {len(items) - MAX_LISTED_KEYS} more" if len(items) > MAX_LISTED_KEYS else ""
+    return f"  {len(items)} {title}:\n{shown}{more}"
+
+
+def load_model_checkpoint(model: nn.Module, path_or_state: Union[str, Path, Mapping[str, Tensor]],
+                          opt: Optional[Options] = None, strict: Optional[bool] = None) -> LoadReport:
+    """Load a checkpoint into `model`.
+
+    strict (default: opt.strict_checkpoint_loading) requires exactly the model's names and shapes
+    and otherwise raises one CheckpointError. Tolerant loading takes every key that fits, applies
+    the token/latent init rules of `opt` (default: model.opt) and logs each key it skips.
+    """
+    opt = opt if opt is not None else model.opt
+    strict = opt.strict_checkpoint_loading if strict is None else strict
+    if isinstance(path_or_state, (str, Path)):
+        source, state = str(path_or_state), load_weights(path_or_state)
+    else:
+        source, state = "state dict", normalize_state_dict(path_or_state)
+    own = model.state_dict()
+    report = LoadReport()
+
+    if strict:
+        missing = [name for name in own if name not in state]
+        unexpected = [name for name in state if name not in own]
+        misshaped = [f"{name}: checkpoint {list(state[name].shape)}, model {list(own[name].shape)}"
+                     for name in own if name in state and state[name].shape != own[name].shape]
+        if missing or unexpected or misshaped:
+            parts = [f"checkpoint {source} does not fit this model (strict loading); "
+                     f"{_describe_preset_guess(state)}."]
+            parts += [_listing(title, items) for title, items in (
+                ("missing keys (in the model, not in the checkpoint)", missing),
+                ("unexpected keys (in the checkpoint, not in the model)", unexpected),
+                ("mis-shaped keys", misshaped)) if items]
+            parts.append("Use the options of the preset the checkpoint belongs to, or turn strict_checkpoint_loading "
+                         "off to finetune from it.")
+            raise CheckpointError("\n".join(parts))
+        model.load_state_dict(state, strict=True)
+        report.loaded = list(state)
+        return report
+
+    resizable = {"gs_tokens": opt.init_tokens_from_existing, "gs_tokens_dynamic": opt.init_tokens_from_existing,
+                 "enc_dec_backbone.latents": opt.init_latents_from_existing}
+    to_load: StateDict = {}
+    for name, value in state.items():
+        if name not in own:
+            report.skipped.append(f"{name}: not in the model")
+        elif value.shape == own[name].shape:
+            to_load[name] = value
+        elif resizable.get(name) and value.shape[1:] == own[name].shape[1:]:
+            to_load[name] = resize_tokens(value, own[name].shape[0])
+            report.initialized.append(f"{name}: {value.shape[0]} -> {own[name].shape[0]} from the checkpoint's")
+        else:
+            report.skipped.append(f"{name}: checkpoint {list(value.shape)}, model {list(own[name].shape)}")
+    if ("gs_tokens_dynamic" in own and "gs_tokens_dynamic" not in state and opt.init_dynamic_tokens_from_static
+            and "gs_tokens" in to_load):
+        count = own["gs_tokens_dynamic"].shape[0]
+        to_load["gs_tokens_dynamic"] = dynamic_tokens_from_static(to_load["gs_tokens"], count)
+        report.initialized.append("gs_tokens_dynamic: from the static tokens")
+    report.skipped += [f"{name}: not in the checkpoint, keeps its fresh initialization"
+                       for name in own if name not in to_load]
+    for item in report.initialized:
+        log.info("checkpoint %s: initialized %s", source, item)
+    for item in report.skipped:
+        log.warning("checkpoint %s: skipped %s", source, item)
+    model.load_state_dict(to_load, strict=False)
+    report.loaded = list(to_load)
+    return report
