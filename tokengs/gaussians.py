@@ -77,3 +77,50 @@ class Gaussians:
             quats=torch.cat([p.quats for p in parts], dim=-2),
             colors=torch.cat([p.colors for p in parts], dim=-2),
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# PLY I/O in the layout 3DGS viewers read: x y z | f_dc_0..2 | opacity (logit) | scale_0..2 (log)
+# | rot_0..3 (w x y z). Colours are stored as degree-0 spherical-harmonic coefficients.
+# ---------------------------------------------------------------------------------------------
+
+SH_C0 = 0.28209479177387814  # the degree-0 spherical harmonic, 1 / (2 sqrt(pi))
+PLY_MIN_OPACITY = 0.005  # Gaussians fainter than this are left out of exported files
+PLY_FIELDS = ("x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
+              "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
+
+
+def save_ply(gaussians: Gaussians, path) -> int:
+    """Write the Gaussians of ONE scene (fields [N, ...]) to `path`; returns how many were written."""
+    import numpy as np
+    from plyfile import PlyData, PlyElement
+
+    if gaussians.means.dim() != 2:
+        raise ValueError(f"save_ply takes one scene's Gaussians [N, ...], got means of shape {tuple(gaussians.means.shape)}; "
+                         "pick one with gaussians.scene(b)")
+    kept = gaussians.select(gaussians.opacities >= PLY_MIN_OPACITY).map(lambda t: t.detach().cpu().double())
+    # float64 for the transforms so that opacities near 1 keep a finite logit
+    opacity = kept.opacities.clamp(1e-12, 1 - 1e-12)
+    columns = torch.cat([kept.means, (kept.colors - 0.5) / SH_C0, torch.logit(opacity)[:, None],
+                         torch.log(kept.scales), kept.quats], dim=1).float().numpy()
+    vertices = np.empty(len(columns), dtype=[(name, "f4") for name in PLY_FIELDS])
+    for i, name in enumerate(PLY_FIELDS):
+        vertices[name] = columns[:, i]
+    PlyData([PlyElement.describe(vertices, "vertex")]).write(str(path))
+    return len(columns)
+
+
+def load_ply(path) -> Gaussians:
+    """Read a PLY written by `save_ply` (or any 3DGS PLY; higher SH bands are ignored) -> Gaussians [N, ...]."""
+    import numpy as np
+    from plyfile import PlyData
+
+    vertex = PlyData.read(str(path))["vertex"]
+    column = lambda *names: torch.from_numpy(np.stack([np.asarray(vertex[n], dtype=np.float32) for n in names], axis=1))
+    return Gaussians(
+        means=column("x", "y", "z"),
+        opacities=torch.sigmoid(column("opacity")[:, 0]),
+        scales=torch.exp(column("scale_0", "scale_1", "scale_2")),
+        quats=column("rot_0", "rot_1", "rot_2", "rot_3"),
+        colors=column("f_dc_0", "f_dc_1", "f_dc_2") * SH_C0 + 0.5,
+    )

@@ -1,0 +1,233 @@
+"""The pure-PyTorch rasterizer against closed forms, its gradients, its memory, and PLY I/O."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokengs.gaussians import PLY_MIN_OPACITY, Gaussians, load_ply, save_ply
+from tokengs.rendering import render, resolve_backend
+from tokengs.rendering.parity import random_scene
+from tokengs.rendering.torch_backend import project_gaussians
+
+ROOT = Path(__file__).resolve().parents[1]
+GREY = (0.5, 0.5, 0.5)
+ZNEAR, ZFAR = 0.025, 125.0
+
+
+def make_gaussians(means, opacities, scales, colors, quats=None, dtype=torch.float32) -> Gaussians:
+    """One scene [1, N] from per-Gaussian lists; identity rotations unless given."""
+    means = torch.tensor(means, dtype=dtype)
+    quats = torch.tensor([[1.0, 0, 0, 0]] * len(means), dtype=dtype) if quats is None else torch.tensor(quats, dtype=dtype)
+    return Gaussians(means=means[None], opacities=torch.tensor(opacities, dtype=dtype)[None],
+                     scales=torch.tensor(scales, dtype=dtype)[None], quats=quats[None],
+                     colors=torch.tensor(colors, dtype=dtype)[None])
+
+
+def identity_camera(focal: float, image_hw: tuple[int, int], dtype=torch.float32):
+    """w2c [1, 1, 4, 4] = identity and centered intrinsics [1, 1, 4]."""
+    height, width = image_hw
+    intrinsics = torch.tensor([focal, focal, width / 2, height / 2], dtype=dtype)
+    return torch.eye(4, dtype=dtype)[None, None], intrinsics[None, None]
+
+
+def render_one(gaussians, focal=40.0, image_hw=(21, 21), bg=GREY, znear=ZNEAR, zfar=ZFAR):
+    w2c, intrinsics = identity_camera(focal, image_hw, gaussians.means.dtype)
+    return render(gaussians, w2c, intrinsics, image_hw, bg, znear, zfar, backend="torch")
+
+
+def test_single_isotropic_gaussian_matches_closed_form():
+    # f s / z = 40 * 0.05 / 2 = 1 px standard deviation; with eps2d the 2D variance is 1.3 px^2
+    opacity, color = 0.6, [0.9, 0.2, 0.1]
+    out = render_one(make_gaussians([[0, 0, 2]], [opacity], [[0.05] * 3], [color]))
+    var2d = 1.0 + 0.3
+    center = 10  # pixel 10's center 10.5 is the principal point
+    for dx in range(0, 6):
+        alpha = opacity * math.exp(-0.5 * dx * dx / var2d)
+        alpha = alpha if alpha >= 1 / 255 else 0.0  # skipped below 1/255, not just small
+        expected = [alpha * c + (1 - alpha) * 0.5 for c in color]
+        assert out.alphas[0, 0, 0, center, center + dx].item() == pytest.approx(alpha, abs=1e-6)
+        assert out.images[0, 0, :, center, center + dx].tolist() == pytest.approx(expected, abs=1e-6)
+        assert out.depths[0, 0, 0, center, center + dx].item() == pytest.approx(2.0 if alpha > 0 else 0.0, abs=1e-5)
+    assert out.alphas[0, 0, 0, center, center + 4].item() == 0.0  # 0.6 exp(-8 / 2.6) < 1/255
+    assert out.means2d[0, 0, 0].tolist() == pytest.approx([10.5, 10.5])
+    # opacity-aware footprint: ceil(min(3.33, sqrt(2 ln(255 o))) sigma)
+    radius = math.ceil(min(3.33, math.sqrt(2 * math.log(255 * opacity))) * math.sqrt(var2d))
+    assert out.radii[0, 0, 0].tolist() == [radius, radius]
+
+
+def test_background_where_nothing_is_drawn():
+    out = render_one(make_gaussians([[0, 0, -2]], [0.9], [[0.1] * 3], [[1, 0, 0]]), bg=(0.1, 0.7, 0.3))
+    assert torch.allclose(out.images[0, 0], torch.tensor([0.1, 0.7, 0.3])[:, None, None].expand(3, 21, 21))
+    assert out.alphas.abs().max() == 0 and out.depths.abs().max() == 0
+
+
+def test_front_to_back_by_depth():
+    # the far blue Gaussian comes first in the list; the near red one must still be in front
+    out = render_one(make_gaussians([[0, 0, 4], [0, 0, 2]], [0.8, 0.7], [[0.1] * 3, [0.05] * 3], [[0, 0, 1], [1, 0, 0]]))
+    w_red, w_blue = 0.7, 0.3 * 0.8
+    t_final = 1 - w_red - w_blue
+    pixel = out.images[0, 0, :, 10, 10].tolist()
+    assert pixel == pytest.approx([w_red + 0.5 * t_final, 0.5 * t_final, w_blue + 0.5 * t_final], abs=1e-6)
+    assert out.alphas[0, 0, 0, 10, 10].item() == pytest.approx(w_red + w_blue, abs=1e-6)
+    assert out.depths[0, 0, 0, 10, 10].item() == pytest.approx((2 * w_red + 4 * w_blue) / (w_red + w_blue), abs=1e-5)
+
+
+def test_stops_before_transmittance_falls_to_threshold():
+    # after the first, T = 0.005; the second would take it to 2.5e-5 <= 1e-4, so gsplat leaves it out
+    out = render_one(make_gaussians([[0, 0, 2], [0, 0, 3]], [0.995, 0.995], [[0.05] * 3] * 2, [[1, 0, 0], [0, 1, 0]]))
+    assert out.alphas[0, 0, 0, 10, 10].item() == pytest.approx(0.995, abs=1e-6)
+    assert out.images[0, 0, :, 10, 10].tolist() == pytest.approx([0.995 + 0.0025, 0.0025, 0.0025], abs=1e-6)
+    assert out.depths[0, 0, 0, 10, 10].item() == pytest.approx(2.0, abs=1e-5)
+
+
+def test_alpha_is_capped_at_0_999():
+    out = render_one(make_gaussians([[0, 0, 2]], [1.0], [[0.05] * 3], [[1, 1, 1]]))
+    assert out.alphas[0, 0, 0, 10, 10].item() == pytest.approx(0.999, abs=1e-7)
+
+
+def test_near_far_and_faint_gaussians_are_culled():
+    gaussians = make_gaussians([[0, 0, 0.02], [0, 0, 200.0], [0, 0, 1.0], [0, 0, 1.0]],
+                               [0.9, 0.9, 0.9, 0.9 / 255], [[0.01] * 3] * 4, [[1, 0, 0]] * 4)
+    out = render_one(gaussians)
+    visible = (out.radii[0, 0] > 0).all(-1).tolist()
+    assert visible == [False, False, True, False]  # too near, too far, drawn, opacity < 1/255
+    assert out.means2d[0, 0, [0, 1, 3]].abs().max() == 0
+    # moving the planes flips the decisions
+    out = render_one(gaussians, znear=0.01, zfar=300.0)
+    assert (out.radii[0, 0] > 0).all(-1).tolist() == [True, True, True, False]
+
+
+def test_projection_jacobian_is_clamped_to_the_widened_frustum():
+    # W = 20, fx = 20, cx = 10: x/z may reach (W - cx)/fx + 0.3 * 0.5 W/fx = 0.65 in the Jacobian
+    focal, z, s = 20.0, 2.0, 0.3
+    gaussians = make_gaussians([[2 * z, 0.5 * z, z]], [0.9], [[s] * 3], [[1, 1, 1]])
+    w2c, intrinsics = identity_camera(focal, (20, 20))
+    proj = project_gaussians(gaussians, w2c, intrinsics, (20, 20), ZNEAR, ZFAR)
+    tx, ty = z * 0.65, z * 0.5  # x clamped; y/z = 0.5 is inside its limit
+    jac = torch.tensor([[focal / z, 0, -focal * tx / z**2], [0, focal / z, -focal * ty / z**2]])
+    cov2d = s * s * jac @ jac.T + 0.3 * torch.eye(2)
+    a, b, c = cov2d[0, 0], cov2d[0, 1], cov2d[1, 1]
+    det = a * c - b * b
+    assert proj.conics[0, 0, 0].tolist() == pytest.approx([(c / det).item(), (-b / det).item(), (a / det).item()], rel=1e-5)
+    assert proj.means2d[0, 0, 0].abs().max() == 0  # off the image: culled
+    assert not proj.visible[0, 0, 0]
+
+
+def test_batched_render_equals_separate_renders_and_view_chunks():
+    scene = random_scene("batch", 2, 300, 3, (24, 40), seed=3, scale_range=(0.03, 0.15))
+    args = (scene.image_hw, scene.bg_color, scene.znear, scene.zfar)
+    out = render(scene.gaussians, scene.w2c, scene.intrinsics, *args)
+    chunked = render(scene.gaussians, scene.w2c, scene.intrinsics, *args, view_chunk_size=2)
+    for name in ("images", "alphas", "depths", "means2d"):
+        assert torch.allclose(getattr(out, name), getattr(chunked, name), atol=1e-5), name
+    assert torch.equal(out.radii, chunked.radii)
+    for b in range(2):
+        for v in range(3):
+            one = render(scene.gaussians.map(lambda t: t[b:b + 1]), scene.w2c[b:b + 1, v:v + 1],
+                         scene.intrinsics[b:b + 1, v:v + 1], *args)
+            assert torch.allclose(one.images[0, 0], out.images[b, v], atol=1e-6)
+            assert torch.allclose(one.depths[0, 0], out.depths[b, v], atol=1e-5)
+    assert out.alphas.mean() > 0.2  # the scene covers a good part of the images
+
+
+def test_gradients_match_finite_differences_for_every_field():
+    torch.manual_seed(0)
+    means = torch.tensor([[0.0, 0.0, 2.0], [0.1, -0.05, 2.5], [-0.1, 0.1, 3.0], [0.05, 0.05, 1.5]], dtype=torch.float64)
+    fields = [means[None], torch.tensor([[0.6, 0.5, 0.8, 0.3]], dtype=torch.float64),
+              torch.rand(1, 4, 3, dtype=torch.float64) * 0.2 + 0.1, torch.randn(1, 4, 4, dtype=torch.float64),
+              torch.rand(1, 4, 3, dtype=torch.float64)]
+    w2c, intrinsics = identity_camera(12.0, (12, 12), torch.float64)
+    weights = [torch.rand(1, 1, k, 12, 12, dtype=torch.float64) for k in (3, 1, 1)]
+
+    def rendered(*values):
+        out = render(Gaussians(*values), w2c, intrinsics, (12, 12), GREY, ZNEAR, ZFAR, backend="torch")
+        return torch.stack([(weights[0] * out.images).sum(), (weights[1] * out.alphas).sum(), (weights[2] * out.depths).sum()])
+
+    inputs = [t.clone().requires_grad_() for t in fields]
+    assert torch.autograd.gradcheck(rendered, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_reach_every_field_of_a_batch():
+    scene = random_scene("grads", 2, 200, 2, (24, 32), seed=5, scale_range=(0.05, 0.2))
+    gaussians = scene.gaussians.map(lambda t: t.clone().requires_grad_())
+    out = render(gaussians, scene.w2c, scene.intrinsics, scene.image_hw, scene.bg_color, scene.znear, scene.zfar)
+    (out.images.square().sum() + out.depths.mean()).backward()
+    for name in ("means", "opacities", "scales", "quats", "colors"):
+        grad = getattr(gaussians, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+        assert grad[1].abs().sum() > 0, f"{name}: the second scene gets gradients too"
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, time, torch
+    from tokengs.rendering import render
+    from tokengs.rendering.parity import random_scene
+    torch.set_num_threads(2)
+    scene = random_scene("mem", 1, 20000, 1, (64, 64), seed=0, scale_range=(0.02, 0.12))
+    gaussians = scene.gaussians.map(lambda t: t.requires_grad_())
+    render(scene.gaussians.map(lambda t: t[:, :100]), scene.w2c, scene.intrinsics, (64, 64), (1, 1, 1), 0.025, 125.0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.time()
+    out = render(gaussians, scene.w2c, scene.intrinsics, (64, 64), (1, 1, 1), 0.025, 125.0)
+    (out.images.sum() + out.alphas.sum()).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024, "seconds": time.time() - start,
+                      "coverage": out.alphas.mean().item()}))
+""")
+
+
+def test_memory_of_64x64_with_20k_gaussians_is_bounded():
+    """Forward and backward of a 64x64 render of 20k Gaussians, measured in a fresh process."""
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300, check=True)
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    print(numbers)
+    assert numbers["coverage"] > 0.5  # a dense scene, not an empty one
+    assert numbers["peak_mb"] - numbers["base_mb"] < 1024, numbers  # rendering's own peak (ru_maxrss is in KB)
+    assert numbers["peak_mb"] < 2048, numbers
+
+
+def test_backend_choice():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_backend("gsplat", torch.device("cpu"))
+    with pytest.raises(ValueError, match="not known"):
+        resolve_backend("vulkan", torch.device("cpu"))
+
+
+def test_half_precision_gaussians_render_in_float32():
+    scene = random_scene("bf16", 1, 50, 1, (16, 16), seed=7)
+    out = render(scene.gaussians.map(lambda t: t.bfloat16()), scene.w2c, scene.intrinsics, scene.image_hw,
+                 scene.bg_color, scene.znear, scene.zfar)
+    assert out.images.dtype == torch.float32
+
+
+def test_ply_round_trip_drops_faint_gaussians(tmp_path):
+    scene = random_scene("ply", 1, 64, 1, (16, 16), seed=11)
+    gaussians = scene.gaussians.scene(0)
+    gaussians.opacities[:4] = torch.tensor([0.001, 0.0049, 0.005, 0.9999999])
+    gaussians = Gaussians(gaussians.means, gaussians.opacities, gaussians.scales,
+                          torch.nn.functional.normalize(gaussians.quats, dim=-1), gaussians.colors)
+    path = tmp_path / "scene.ply"
+    written = save_ply(gaussians, path)
+    kept = gaussians.opacities >= PLY_MIN_OPACITY
+    assert written == int(kept.sum()) == 62
+    loaded = load_ply(path)
+    expected = gaussians.select(kept)
+    for name in ("means", "scales", "quats", "colors"):
+        assert torch.allclose(getattr(loaded, name), getattr(expected, name), rtol=1e-5, atol=1e-6), name
+    assert torch.allclose(loaded.opacities, expected.opacities, rtol=1e-5, atol=1e-6)
+    from plyfile import PlyData
+
+    names = [p.name for p in PlyData.read(str(path))["vertex"].properties]
+    assert names == ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
+                     "rot_0", "rot_1", "rot_2", "rot_3"]
+    with pytest.raises(ValueError, match="one scene"):
+        save_ply(scene.gaussians, path)

@@ -1,0 +1,374 @@
+"""The rendering loss (DESIGN.md "Rendering and losses"), for training and test-time tuning alike.
+
+Per scene, over that scene's rendered views:
+    lambda_rgb * (L1 or L2) + lambda_mask * has_mask * MSE(alpha, mask) + lambda_ssim * (1 - SSIM) / 2
+    + lambda_lpips * LPIPS + lambda_visibility * visibility
+averaged over scenes, then + lambda_opacity * mean over all Gaussians of -log(opacity + 1e-6).
+With dynamic Gaussians and a dynamic-aux weight, the same loss of the dynamic Gaussians rendered
+alone is added with that weight.
+
+Every image term is a mean over views of a per-view value, so the loss splits exactly into
+per-(scene, view) pieces; `backward_loss` uses that to backpropagate in chunks (mean_of_grads)
+or from re-rendered views (deferred_bp) while computing the same value as `compute_loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .gaussians import Gaussians
+from .options import Options
+from .rendering import RenderOutput, render
+from .rendering.common import w2c_from_cam_view
+from .rendering.ssim import fused_ssim_like
+
+OPACITY_EPS = 1e-6
+UNPROJECTABLE = 1e6  # a projection at +-infinity counts as this many pixels away
+
+
+@dataclass
+class RenderTargets:
+    """What the rendered views are compared with; B scenes of V views."""
+
+    images: Tensor  # [B, V, 3, H, W] in [0, 1], not composited
+    masks: Tensor  # [B, V, 1, H, W] foreground masks (all ones where the data has none)
+    has_mask: Tensor  # [B] bool: the mask term applies to this scene
+    w2c: Tensor  # [B, V, 4, 4] world-to-camera
+    intrinsics: Tensor  # [B, V, 4] fx, fy, cx, cy in pixels
+
+    @classmethod
+    def from_dict(cls, targets: Mapping[str, Tensor]) -> "RenderTargets":
+        """Our keys (images, masks, has_mask, w2c, intrinsics) or the release batch's
+        (images_output, masks_output, has_mask, cam_view, intrinsics). Missing masks are all ones
+        (has_mask False); a mask given without has_mask applies."""
+        images = targets["images"] if "images" in targets else targets["images_output"]
+        masks = targets["masks"] if "masks" in targets else targets.get("masks_output")
+        if masks is None:
+            masks, default_has_mask = torch.ones_like(images[:, :, :1]), False
+        else:
+            default_has_mask = True
+        has_mask = targets.get("has_mask")
+        if has_mask is None:
+            has_mask = torch.full(images.shape[:1], default_has_mask, device=images.device)
+        w2c = targets["w2c"] if "w2c" in targets else w2c_from_cam_view(targets["cam_view"])
+        return cls(images=images, masks=masks, has_mask=has_mask.bool(), w2c=w2c, intrinsics=targets["intrinsics"])
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return tuple(self.images.shape[-2:])
+
+    @property
+    def composited(self) -> Tensor:
+        """Targets over white where the mask is off: gt * mask + (1 - mask) [B, V, 3, H, W]."""
+        return self.images * self.masks + (1 - self.masks)
+
+    def select(self, scenes: slice = slice(None), views: slice = slice(None)) -> "RenderTargets":
+        return RenderTargets(images=self.images[scenes, views], masks=self.masks[scenes, views],
+                             has_mask=self.has_mask[scenes], w2c=self.w2c[scenes, views],
+                             intrinsics=self.intrinsics[scenes, views])
+
+
+TargetsLike = Union[RenderTargets, Mapping[str, Tensor]]
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar: what is minimised
+    per_scene: dict[str, Tensor]  # term -> [B], unweighted; "total" is each scene's weighted loss
+    opacity: Optional[Tensor]  # scalar, unweighted opacity term (None when lambda_opacity is 0)
+    psnr: Tensor  # [B] of the render against the composited targets, all views' pixels
+    render: RenderOutput
+    dyn: Optional["LossOutput"] = None  # the dynamic Gaussians' own loss, when it was added
+
+    def detach(self) -> "LossOutput":
+        return LossOutput(loss=self.loss.detach(), per_scene={k: v.detach() for k, v in self.per_scene.items()},
+                          opacity=_detach_optional(self.opacity), psnr=self.psnr.detach(), render=self.render.map(Tensor.detach),
+                          dyn=None if self.dyn is None else self.dyn.detach())
+
+
+def _detach_optional(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
+
+
+def _full_precision(t: Tensor) -> Tensor:
+    """Half-precision values (autocast outputs) in float32; float32 and float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# ---- the terms --------------------------------------------------------------------------------
+
+def visibility_loss(means: Tensor, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int], threshold: float) -> Tensor:
+    """How far outside the target images the Gaussians' centers project [B].
+
+    means [B, N, 3]; w2c [B, V, 4, 4]; intrinsics [B, V, 4]. Per Gaussian, the distance outside
+    the image in normalized coordinates ([-1, 1] across the image), at its nearest view; clamped
+    at `threshold` when it is > 0; the mean over Gaussians.
+    """
+    height, width = image_hw
+    cam = torch.einsum("bvij,bnj->bvni", w2c[..., :3, :3], means) + w2c[:, :, None, :3, 3]  # [B, V, N, 3]
+    fx, fy, cx, cy = (c[:, :, None] for c in intrinsics.unbind(-1))
+    u = torch.nan_to_num(fx * cam[..., 0] / cam[..., 2] + cx, nan=0.0, posinf=UNPROJECTABLE, neginf=-UNPROJECTABLE)
+    v = torch.nan_to_num(fy * cam[..., 1] / cam[..., 2] + cy, nan=0.0, posinf=UNPROJECTABLE, neginf=-UNPROJECTABLE)
+    u_n, v_n = 2 * u / width - 1, 2 * v / height - 1
+    excess = torch.relu(u_n.abs() - 1) + torch.relu(v_n.abs() - 1)  # [B, V, N]
+    nearest = excess.min(dim=1).values  # [B, N]
+    if threshold > 0:
+        nearest = nearest.clamp(max=threshold)
+    return nearest.mean(dim=-1)
+
+
+def opacity_loss(opacities: Tensor) -> Tensor:
+    """Mean over all Gaussians of -log(opacity + 1e-6): pushes opacities up (scalar)."""
+    return -torch.log(opacities + OPACITY_EPS).mean()
+
+
+def view_terms(opt: Options, images: Tensor, alphas: Tensor, targets: RenderTargets,
+               lpips_model: Optional[torch.nn.Module]) -> dict[str, Tensor]:
+    """Unweighted image terms per scene and view [B, V]; only those with a nonzero lambda, plus
+    "mse" (no gradient, for PSNR). images [B, V, 3, H, W], alphas [B, V, 1, H, W]."""
+    gt = targets.composited
+    per_view = lambda t: t.flatten(2).mean(-1)
+    error = images - gt
+    terms = {"mse": per_view(error.detach().square()),
+             "rgb": per_view(error.abs() if opt.rgb_loss_type == "l1" else error.square())}
+    if opt.lambda_mask > 0:
+        terms["mask"] = per_view((alphas - targets.masks).square()) * targets.has_mask[:, None]
+    if opt.lambda_ssim > 0:
+        terms["ssim"] = (1 - fused_ssim_like(images, gt)) / 2
+    if opt.lambda_lpips > 0:
+        if lpips_model is None:
+            raise ValueError("lambda_lpips > 0 needs the LPIPS network: build it once at start-up with "
+                             "tokengs.metrics.build_lpips(device) and pass it as lpips_model")
+        # LPIPS sees the target as it is, not composited on white
+        values = lpips_model(images.flatten(0, 1), targets.images.flatten(0, 1), normalize=True)
+        terms["lpips"] = values.view(images.shape[:2])
+    return terms
+
+
+def _weighted_view_loss(opt: Options, terms: dict[str, Tensor]) -> Tensor:
+    """sum of lambda * term over the image terms [B, V]."""
+    lambdas = {"rgb": opt.lambda_rgb, "mask": opt.lambda_mask, "ssim": opt.lambda_ssim, "lpips": opt.lambda_lpips}
+    return sum(lambdas[name] * value for name, value in terms.items() if name in lambdas)
+
+
+def _gaussian_terms(opt: Options, gaussians: Gaussians, targets: RenderTargets) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The terms that need no render: visibility [B] and opacity (scalar), None where their lambda is 0."""
+    visibility = opacity = None
+    if opt.lambda_visibility > 0:
+        visibility = visibility_loss(gaussians.means, targets.w2c, targets.intrinsics, targets.image_hw,
+                                     opt.visibility_distance_threshold)
+    if opt.lambda_opacity > 0:
+        opacity = opacity_loss(gaussians.opacities)
+    return visibility, opacity
+
+
+def _gaussian_loss(opt: Options, visibility: Optional[Tensor], opacity: Optional[Tensor]) -> Optional[Tensor]:
+    """Those terms' share of the loss (scalar), None when both are off."""
+    parts = []
+    if visibility is not None:
+        parts.append(opt.lambda_visibility * visibility.mean())
+    if opacity is not None:
+        parts.append(opt.lambda_opacity * opacity)
+    return sum(parts) if parts else None
+
+
+def _assemble(opt: Options, terms: dict[str, Tensor], visibility: Optional[Tensor], opacity: Optional[Tensor],
+              rendered: RenderOutput) -> LossOutput:
+    """Per-view terms [B, V] and the Gaussian terms -> LossOutput (the loss is the mean of the
+    per-scene totals plus the opacity term)."""
+    per_scene = {name: value.mean(1) for name, value in terms.items() if name != "mse"}
+    total = _weighted_view_loss(opt, terms).mean(1)
+    if visibility is not None:
+        per_scene["visibility"] = visibility
+        total = total + opt.lambda_visibility * visibility
+    per_scene["total"] = total
+    loss = total.mean() + (opt.lambda_opacity * opacity if opacity is not None else 0)
+    psnr = -10 * torch.log10(terms["mse"].mean(1))
+    return LossOutput(loss=loss, per_scene=per_scene, opacity=opacity, psnr=psnr, render=rendered)
+
+
+def _with_dyn(main: LossOutput, dyn: LossOutput, weight: float) -> LossOutput:
+    """Add the dynamic Gaussians' loss with `weight` (its per-scene total shows as "dyn_aux")."""
+    per_scene = dict(main.per_scene, dyn_aux=dyn.per_scene["total"],
+                     total=main.per_scene["total"] + weight * dyn.per_scene["total"])
+    return replace(main, loss=main.loss + weight * dyn.loss, per_scene=per_scene, dyn=dyn)
+
+
+def _render(opt: Options, gaussians: Gaussians, targets: RenderTargets) -> RenderOutput:
+    return render(gaussians, targets.w2c, targets.intrinsics, targets.image_hw, opt.bg_rgb, opt.znear, opt.zfar,
+                  backend=opt.render_backend)
+
+
+def _as_targets(targets: TargetsLike) -> RenderTargets:
+    return targets if isinstance(targets, RenderTargets) else RenderTargets.from_dict(targets)
+
+
+def _uses_dyn(dyn_gaussians: Optional[Gaussians], dyn_aux_weight: float) -> bool:
+    return dyn_gaussians is not None and dyn_aux_weight > 0
+
+
+# ---- the plain path ---------------------------------------------------------------------------
+
+def _scene_loss(opt: Options, gaussians: Gaussians, targets: RenderTargets, lpips_model,
+                rendered: Optional[RenderOutput] = None) -> LossOutput:
+    """The loss of one set of Gaussians; `rendered` when the caller already rendered them."""
+    rendered = _render(opt, gaussians, targets) if rendered is None else rendered
+    with torch.autocast(device_type=rendered.images.device.type, enabled=False):  # SSIM moments need fp32
+        terms = view_terms(opt, rendered.images, rendered.alphas, targets, lpips_model)
+        visibility, opacity = _gaussian_terms(opt, gaussians.map(_full_precision), targets)
+    return _assemble(opt, terms, visibility, opacity, rendered)
+
+
+def compute_loss(opt: Options, gaussians: Gaussians, targets: TargetsLike, lpips_model: Optional[torch.nn.Module] = None,
+                 dyn_gaussians: Optional[Gaussians] = None, dyn_aux_weight: float = 0.0) -> LossOutput:
+    """The loss of Gaussians [B, N] rendered into the target cameras, with its graph.
+
+    targets: a RenderTargets or a dict (see RenderTargets.from_dict). lpips_model: from
+    tokengs.metrics.build_lpips, needed when lambda_lpips > 0. dyn_gaussians [B, N_dyn]: the
+    dynamic Gaussians alone, whose loss is added with dyn_aux_weight (the schedule's value).
+    """
+    targets = _as_targets(targets)
+    out = _scene_loss(opt, gaussians, targets, lpips_model)
+    if _uses_dyn(dyn_gaussians, dyn_aux_weight):
+        out = _with_dyn(out, _scene_loss(opt, dyn_gaussians, targets, lpips_model), dyn_aux_weight)
+    return out
+
+
+# ---- backpropagating differently: deferred_bp, mean_of_grads ---------------------------------
+
+def _backward_deferred(opt: Options, leaf: Gaussians, targets: RenderTargets, lpips_model, weight: float) -> LossOutput:
+    """Render every view without a graph, backpropagate the loss to the images, then re-render one
+    view at a time (all scenes together) with a graph and push the image gradients into `leaf`."""
+    with torch.no_grad():
+        rendered = _render(opt, leaf, targets)
+    images, alphas = rendered.images.requires_grad_(), rendered.alphas.requires_grad_()
+    out = _scene_loss(opt, leaf, targets, lpips_model, replace(rendered, images=images, alphas=alphas))
+    (weight * out.loss).backward()
+    for v in range(targets.w2c.shape[1]):
+        view = _render(opt, leaf, targets.select(views=slice(v, v + 1)))
+        pairs = [(out_t, grad[:, v:v + 1]) for out_t, grad in ((view.images, images.grad), (view.alphas, alphas.grad))
+                 if grad is not None]
+        if pairs:  # no image term on: nothing to push back
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+    return out.detach()
+
+
+def _chunk_slices(total: int, step: Optional[int]) -> list[slice]:
+    step = total if step is None else step
+    return [slice(s, s + step) for s in range(0, total, step)]
+
+
+def _backward_mean_of_grads(opt: Options, leaf: Gaussians, targets: RenderTargets, lpips_model, weight: float) -> LossOutput:
+    """Render and backpropagate chunk by chunk into `leaf`, each chunk's graph freed before the next.
+
+    per-scene: chunks of mean_of_grads_scene_chunk_size scenes with all their views; per-view:
+    chunks of those scenes times mean_of_grads_view_chunk_size views (None: one view). Each chunk
+    contributes its weighted per-view terms / (B V), so the chunks sum to the plain loss.
+    """
+    num_scenes, num_views = targets.w2c.shape[:2]
+    view_step = None if opt.mean_of_grads == "per-scene" else (opt.mean_of_grads_view_chunk_size or 1)
+    with torch.autocast(device_type=leaf.means.device.type, enabled=False):
+        visibility, opacity = _gaussian_terms(opt, leaf, targets)
+    gaussian_loss = _gaussian_loss(opt, visibility, opacity)
+    if gaussian_loss is not None:
+        (weight * gaussian_loss).backward()
+    scene_terms, scene_renders = [], []
+    for scenes in _chunk_slices(num_scenes, opt.mean_of_grads_scene_chunk_size):
+        chunk_gaussians = leaf.map(lambda t: t[scenes])
+        view_terms_, view_renders = [], []
+        for views in _chunk_slices(num_views, view_step):
+            chunk_targets = targets.select(scenes, views)
+            rendered = _render(opt, chunk_gaussians, chunk_targets)
+            with torch.autocast(device_type=rendered.images.device.type, enabled=False):
+                terms = view_terms(opt, rendered.images, rendered.alphas, chunk_targets, lpips_model)
+            (weight * _weighted_view_loss(opt, terms).sum() / (num_scenes * num_views)).backward()
+            view_terms_.append({name: value.detach() for name, value in terms.items()})
+            view_renders.append(rendered.map(Tensor.detach))
+        scene_terms.append({name: torch.cat([t[name] for t in view_terms_], dim=1) for name in view_terms_[0]})
+        scene_renders.append(RenderOutput.cat(view_renders, dim=1))
+    terms = {name: torch.cat([t[name] for t in scene_terms], dim=0) for name in scene_terms[0]}
+    return _assemble(opt, terms, _detach_optional(visibility), _detach_optional(opacity),
+                     RenderOutput.cat(scene_renders, dim=0))
+
+
+def backward_loss(opt: Options, gaussians: Gaussians, targets: TargetsLike, lpips_model: Optional[torch.nn.Module] = None,
+                  dyn_gaussians: Optional[Gaussians] = None, dyn_aux_weight: float = 0.0,
+                  backward: Callable[[Tensor], None] = Tensor.backward) -> LossOutput:
+    """Compute the loss of `compute_loss` and backpropagate it as the options say; returns it detached.
+
+    Plain: `backward(loss)`. deferred_bp / mean_of_grads: the gradients are first gathered on
+    detached copies of the Gaussians' fields, then sent through the model in ONE call,
+    `backward(sum(field * gradient))` (a surrogate whose gradient is the loss's), so a caller's
+    backward (e.g. accelerator.backward) runs once per step as with the plain path.
+    """
+    targets = _as_targets(targets)
+    if not opt.deferred_bp and opt.mean_of_grads == "none":
+        out = compute_loss(opt, gaussians, targets, lpips_model, dyn_gaussians, dyn_aux_weight)
+        backward(out.loss)
+        return out.detach()
+    strategy = _backward_deferred if opt.deferred_bp else _backward_mean_of_grads
+    sets = [(gaussians, 1.0)] + ([(dyn_gaussians, dyn_aux_weight)] if _uses_dyn(dyn_gaussians, dyn_aux_weight) else [])
+    outputs, surrogate = [], []
+    for source, weight in sets:
+        leaf = source.map(lambda t: _full_precision(t.detach()).requires_grad_())
+        outputs.append(strategy(opt, leaf, targets, lpips_model, weight))
+        for f in fields(Gaussians):
+            grad = getattr(leaf, f.name).grad
+            if grad is not None and getattr(source, f.name).requires_grad:
+                surrogate.append((getattr(source, f.name) * grad.to(getattr(source, f.name).dtype)).sum())
+    if surrogate:
+        backward(torch.stack(surrogate).sum())
+    return outputs[0] if len(outputs) == 1 else _with_dyn(outputs[0], outputs[1], dyn_aux_weight)
+
+
+# ---- the loss with its LPIPS network, for the training loop, validation and test-time tuning --
+
+GaussiansLike = Union[Gaussians, Tensor]
+
+
+class LossComputer:
+    """The options' loss with the LPIPS network it needs, built once at start-up (so missing VGG
+    weights fail there, not hours in). Takes Gaussians or packed [B, N, 14] tensors and targets
+    as a RenderTargets, our dict or the release's batch.
+
+    num_static: the first num_static Gaussians are static, the rest dynamic; with
+    dyn_aux_weight > 0 the dynamic ones' own loss is added (DESIGN.md).
+    """
+
+    def __init__(self, opt: Options, device: Union[torch.device, str] = "cpu",
+                 lpips_model: Optional[torch.nn.Module] = None):
+        from .metrics import build_lpips
+
+        self.opt = opt
+        if lpips_model is None and opt.lambda_lpips > 0:
+            lpips_model = build_lpips(device)
+        self.lpips_model = lpips_model
+
+    def _split(self, gaussians: GaussiansLike, dyn_aux_weight: float,
+               num_static: Optional[int]) -> tuple[Gaussians, Optional[Gaussians]]:
+        if isinstance(gaussians, Tensor):
+            gaussians = Gaussians.unpack(gaussians)
+        if num_static is None or dyn_aux_weight <= 0 or num_static >= gaussians.num_gaussians:
+            return gaussians, None
+        return gaussians, gaussians.select(slice(num_static, None))
+
+    def __call__(self, gaussians: GaussiansLike, targets: TargetsLike, dyn_aux_weight: float = 0.0,
+                 num_static: Optional[int] = None) -> LossOutput:
+        """The loss with its graph (test-time tuning steps on it)."""
+        static, dynamic = self._split(gaussians, dyn_aux_weight, num_static)
+        return compute_loss(self.opt, static, targets, self.lpips_model, dynamic, dyn_aux_weight)
+
+    def backward(self, gaussians: GaussiansLike, targets: TargetsLike, dyn_aux_weight: float = 0.0,
+                 num_static: Optional[int] = None, backward: Callable[[Tensor], None] = Tensor.backward) -> LossOutput:
+        """Backpropagate as opt.deferred_bp / opt.mean_of_grads say (see `backward_loss`); detached result."""
+        static, dynamic = self._split(gaussians, dyn_aux_weight, num_static)
+        return backward_loss(self.opt, static, targets, self.lpips_model, dynamic, dyn_aux_weight, backward)
+
+    @torch.no_grad()
+    def evaluate(self, gaussians: GaussiansLike, targets: TargetsLike) -> LossOutput:
+        """The loss and PSNR without a graph (validation)."""
+        return self(gaussians, targets).detach()

@@ -1,0 +1,65 @@
+"""Rendering Gaussians into cameras: `render`, with gsplat on CUDA and a pure-PyTorch rasterizer elsewhere."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..gaussians import Gaussians
+from .common import BgColor, RenderOutput, background_tensor, intrinsics_matrices, w2c_from_cam_view
+from .gsplat_backend import render_gsplat
+from .torch_backend import render_torch
+
+__all__ = ["render", "render_chunked", "resolve_backend", "RenderOutput", "intrinsics_matrices", "w2c_from_cam_view"]
+
+_BACKENDS = {"gsplat": render_gsplat, "torch": render_torch}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'gsplat' for CUDA tensors, else 'torch'; an explicit choice is checked against the device."""
+    if backend == "auto":
+        return "gsplat" if device.type == "cuda" else "torch"
+    if backend not in _BACKENDS:
+        raise ValueError(f"render_backend={backend!r} is not known; use one of 'auto', {', '.join(map(repr, _BACKENDS))}")
+    if backend == "gsplat" and device.type != "cuda":
+        raise ValueError(f"render_backend='gsplat' needs CUDA tensors, got {device}; use --render_backend torch or auto")
+    return backend
+
+
+def render(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int], bg_color: BgColor,
+           znear: float, zfar: float, backend: str = "auto", view_chunk_size: Optional[int] = None) -> RenderOutput:
+    """Render Gaussians [B, N] into cameras [B, V].
+
+    w2c: [B, V, 4, 4] world-to-camera (OpenCV axes); intrinsics: [B, V, 4] (fx, fy, cx, cy) in pixels;
+    image_hw: (H, W); bg_color: [3]. view_chunk_size renders that many views per call (bounds memory
+    for many views, e.g. evaluation's 50 targets); None renders all views at once.
+    Rendering runs in float32 (float64 stays float64, for gradient checks) with autocast off.
+    """
+    device = gaussians.means.device
+    rasterize = _BACKENDS[resolve_backend(backend, device)]
+    dtype = torch.float64 if gaussians.means.dtype == torch.float64 else torch.float32
+    gaussians = gaussians.map(lambda t: t.to(dtype))
+    w2c, intrinsics = w2c.to(dtype), intrinsics.to(dtype)
+    background = background_tensor(bg_color, gaussians.means)
+    image_hw = (int(image_hw[0]), int(image_hw[1]))
+    num_views = w2c.shape[1]
+    step = num_views if view_chunk_size is None else view_chunk_size
+    with torch.autocast(device_type=device.type, enabled=False):
+        parts = [rasterize(gaussians, w2c[:, s:s + step], intrinsics[:, s:s + step], image_hw, background, znear, zfar)
+                 for s in range(0, num_views, step)]
+    return parts[0] if len(parts) == 1 else RenderOutput.cat(parts, dim=1)
+
+
+def render_chunked(opt, gaussians: Union[Gaussians, Tensor], batch: Mapping[str, Tensor],
+                   chunk_size: Optional[int] = None) -> RenderOutput:
+    """Render Gaussians (a Gaussians [B, N] or packed [B, N, 14]) into a batch's target cameras at
+    opt.img_size, with the options' background, planes and backend, `chunk_size` views at a time
+    (evaluation passes opt.eval_render_chunk_size). The cameras are batch["w2c"], or the release's
+    batch["cam_view"] (transposed), with batch["intrinsics"]."""
+    if isinstance(gaussians, Tensor):
+        gaussians = Gaussians.unpack(gaussians)
+    w2c = batch["w2c"] if "w2c" in batch else w2c_from_cam_view(batch["cam_view"])
+    return render(gaussians, w2c, batch["intrinsics"], opt.img_size, opt.bg_rgb, opt.znear, opt.zfar,
+                  backend=opt.render_backend, view_chunk_size=chunk_size)

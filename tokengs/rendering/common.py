@@ -1,0 +1,63 @@
+"""What both rasterizer backends share: the output container, gsplat's constants, camera matrices.
+
+The constants are gsplat 1.5.3's (its CUDA kernels hard-code them); the pure-PyTorch backend
+uses them so that the two backends compute the same image from the same Gaussians.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+ALPHA_THRESHOLD = 1.0 / 255.0  # alphas below this are skipped; opacities below it are culled
+MAX_ALPHA = 0.999  # alpha = min(MAX_ALPHA, opacity * gaussian)
+TRANSMITTANCE_THRESHOLD = 1e-4  # a pixel is done before the Gaussian that would take T to or below this
+EPS2D = 0.3  # px^2 added to the diagonal of every 2D covariance (gsplat's low-pass dilation)
+MAX_EXTEND = 3.33  # footprint bound in standard deviations
+FRUSTUM_MARGIN = 0.3  # Jacobian clamp: tan-fov limits widened by 0.3 x tan(fov/2) on each side
+TILE_SIZE = 16  # gsplat's tile: a Gaussian is evaluated on every pixel of every tile its box touches
+
+BgColor = Union[Tensor, Sequence[float]]
+
+
+@dataclass
+class RenderOutput:
+    """Renders of B scenes into V cameras each."""
+
+    images: Tensor  # [B, V, 3, H, W] rgb composited over the background
+    alphas: Tensor  # [B, V, 1, H, W] accumulated opacity (1 - final transmittance)
+    depths: Tensor  # [B, V, 1, H, W] expected z-depth: sum(w z) / alpha, 0 where alpha is 0
+    means2d: Tensor  # [B, V, N, 2] projected centers in pixels; 0 for Gaussians culled in that view
+    radii: Tensor  # [B, V, N, 2] int32 footprint half-extent in pixels (x, y); 0 = culled in that view
+
+    def map(self, fn) -> "RenderOutput":
+        return RenderOutput(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    @staticmethod
+    def cat(parts: list["RenderOutput"], dim: int) -> "RenderOutput":
+        """Concatenate along scenes (dim 0) or views (dim 1)."""
+        return RenderOutput(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=dim) for f in fields(RenderOutput)})
+
+
+def w2c_from_cam_view(cam_view: Tensor) -> Tensor:
+    """The release's batch stores `cam_view` = world-to-camera TRANSPOSED [..., 4, 4]; undo that."""
+    return cam_view.transpose(-1, -2)
+
+
+def intrinsics_matrices(intrinsics: Tensor) -> Tensor:
+    """(fx, fy, cx, cy) [..., 4] -> pinhole matrices K [..., 3, 3], built with tensor ops."""
+    fx, fy, cx, cy = intrinsics.unbind(-1)
+    zero, one = torch.zeros_like(fx), torch.ones_like(fx)
+    rows = (fx, zero, cx, zero, fy, cy, zero, zero, one)
+    return torch.stack(rows, dim=-1).unflatten(-1, (3, 3))
+
+
+def background_tensor(bg_color: BgColor, like: Tensor) -> Tensor:
+    """A background colour as a [3] tensor on `like`'s device and dtype."""
+    bg = torch.as_tensor(bg_color, dtype=like.dtype, device=like.device)
+    if bg.shape != (3,):
+        raise ValueError(f"bg_color must be 3 values (rgb), got shape {tuple(bg.shape)}")
+    return bg
