@@ -1,0 +1,570 @@
+"""Datasets: readers per layout (the generator's scenes and files built by hand), the registry,
+view sampling, camera math, the check CLI, and resilient loading."""
+
+import io
+import json
+import logging
+import struct
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from tokengs import cameras
+from tokengs.data import DataLoadError, build_dataset, dataset_root_problems, parse_name
+from tokengs.data.check import main as check_main
+from tokengs.data.dl3dv import DL3DVReader
+from tokengs.data.dl3dv_eval import DL3DVEvalReader, read_points3d_bin
+from tokengs.data.kubric import KubricReader
+from tokengs.data.provider import sample_dynamic_views, sample_static_views
+from tokengs.data.re10k import RE10KReader
+from tokengs.data.registry import REGISTRY
+from tokengs.data.synthetic import generate
+from tokengs.options import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+HW = (24, 40)
+# Enough frames for each layout's minimum context gap, few enough to stay fast.
+FRAMES = {"dl3dv": 14, "dl3dv_eval": 6, "re10k": 48, "kubric": 6}
+
+
+def relative(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """layout -> (root, what the generator made)."""
+    made = {}
+    for layout in FRAMES:
+        root = tmp_path_factory.mktemp(layout)
+        made[layout] = (root, generate(layout, root, 3, seed=7, frames=FRAMES[layout], height=HW[0], width=HW[1],
+                                       cameras_per_scene=3))
+    return made
+
+
+def tiny(layout: str, root: Path, **changes):
+    preset = {"dl3dv": "tiny", "dl3dv_eval": "tiny_eval", "re10k": "tiny", "kubric": "tiny_kubric_dyn"}[layout]
+    values = dict(dataset_kwargs={"root_path": str(root)}, batch_size=1, num_workers=0)
+    if layout == "re10k":
+        values["data_mode"] = (("re10k", 1),)
+    values.update(changes)
+    return get_preset(preset).evolve(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Read back the generator's scenes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", list(FRAMES))
+def test_reader_finds_generator_cameras(synthetic, layout):
+    root, made = synthetic[layout]
+    reader = REGISTRY[layout].reader(root_path=str(root))
+    refs = {ref.name: ref for ref in reader.scenes()}
+    for scene in made:
+        if scene.name not in refs:  # re10k's test split is read by another reader
+            assert layout == "re10k"
+            continue
+        with reader.open(refs[scene.name]) as opened:
+            meta = opened.meta
+            assert meta.problems() == []
+            assert meta.image_hw == HW
+            assert relative(meta.c2ws, scene.c2ws) <= 1e-5
+            assert relative(meta.intrinsics, scene.intrinsics) <= 1e-5
+            views = opened.views([0, meta.num_frames - 1], depth=layout == "kubric")
+            assert views.rgbs.shape == (2, 3, *HW) and 0 <= float(views.rgbs.min()) <= float(views.rgbs.max()) <= 1
+            if layout == "kubric":
+                assert torch.equal(views.depths[:, 0], torch.from_numpy(scene.depths[[0, meta.num_frames - 1]]))
+                assert views.masks.shape == (2, 1, *HW)
+
+
+def test_re10k_test_split_and_evaluation_json(synthetic):
+    root, made = synthetic["re10k"]
+    reader = RE10KReader(str(root), split="test")
+    names = {ref.name for ref in reader.scenes()}
+    assert names == set(json.loads((root / "evaluation.json").read_text()))
+    test_scene = next(s for s in made if s.name in names)
+    with reader.open(next(r for r in reader.scenes() if r.name == test_scene.name)) as opened:
+        assert relative(opened.meta.c2ws, test_scene.c2ws) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", list(FRAMES))
+def test_dataset_sample_carries_generator_cameras(synthetic, layout):
+    """Through the whole provider: the sample's cameras are the generator's, normalized."""
+    root, made = synthetic[layout]
+    opt = tiny(layout, root)
+    dataset = build_dataset(opt, "eval" if opt.evaluating else "train")
+    sample = dataset[0]
+    scene = next(s for s in made if s.name == sample["scene_name"])
+    assert sample["input"].shape[1:] == (3 + (opt.time_embedding_dim if opt.time_embedding else 0) + 6,
+                                         *opt.img_size)
+    if layout == "kubric":
+        return  # timesteps do not identify a view of a multi-camera scene; the reader test covers it
+    frames = sample["timesteps"].long().numpy()
+    c2ws = torch.from_numpy(scene.c2ws[frames])
+    expected = cameras.normalize_cameras(c2ws, opt.num_input_views, opt.camera_normalization_method)
+    if opt.camera_scale_method == "distance":
+        expected = cameras.scale_translations(expected, 1.0 / float(expected[1, :3, 3].norm()))
+    got = cameras.cam_view_to_c2w(sample["cam_view_all"].double())
+    if not torch.allclose(got, expected, atol=1e-4):  # the sample may have been reflected
+        got = cameras.reflect_c2w(got)
+    assert relative(got, expected) <= 1e-5
+    intrinsics = cameras.crop_resize_intrinsics(torch.from_numpy(scene.intrinsics[frames]), HW, opt.img_size)
+    ours = sample["intrinsics_all"].double()
+    if not torch.allclose(ours, intrinsics, atol=1e-4):
+        ours = cameras.reflect_intrinsics(ours, opt.img_size[1])
+    assert relative(ours, intrinsics) <= 1e-5
+
+
+def test_generator_is_deterministic(tmp_path):
+    a = generate("dl3dv", tmp_path / "a", 1, seed=3, frames=3, height=12, width=20)
+    b = generate("dl3dv", tmp_path / "b", 1, seed=3, frames=3, height=12, width=20)
+    assert a[0].name == b[0].name
+    assert (tmp_path / "a" / "1K" / f"{a[0].name}.zip").read_bytes() == (tmp_path / "b" / "1K" / f"{b[0].name}.zip").read_bytes()
+
+
+def test_synthetic_cli_writes_a_readable_root(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tokengs.data.synthetic", "--layout", "dl3dv_eval", "--out",
+                             str(tmp_path), "--scenes", "1", "--frames", "4", "--height", "12", "--width", "20"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert len(DL3DVEvalReader(str(tmp_path)).scenes()) == 1 and (tmp_path / "evaluation.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Files built by hand (another code path than the generator)
+# ---------------------------------------------------------------------------------------------
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# An OpenCV camera-to-world, and the same camera written the way nerfstudio stores it: axes to
+# OpenGL (negate columns 1, 2), world rows swapped (0 <-> 1), then world row 2 negated.
+C2W = np.array([[0.0, -1.0, 0.0, 0.5], [0.0, 0.0, -1.0, 1.5], [1.0, 0.0, 0.0, -2.0], [0, 0, 0, 1.0]])
+
+
+def nerfstudio_matrix(c2w: np.ndarray) -> np.ndarray:
+    m = c2w.copy()
+    m[:3, 1:3] *= -1
+    m = m[[1, 0, 2, 3]]
+    m[2] *= -1
+    return m
+
+
+def test_dl3dv_hand_built_zip_images_4_and_capture_scale(tmp_path):
+    """images_4 fallback; fl_x ... refer to a 2x larger w x h than the stored 10x16 frames."""
+    scene = tmp_path / "1K" / "abc.zip"
+    scene.parent.mkdir(parents=True)
+    frames = [{"file_path": f"images/frame_{i:05d}.png", "transform_matrix": nerfstudio_matrix(C2W).tolist()}
+              for i in range(2)]
+    transforms = {"w": 32, "h": 20, "fl_x": 30.0, "fl_y": 31.0, "cx": 16.5, "cy": 9.5, "frames": frames}
+    pixels = np.random.default_rng(0).integers(0, 255, (10, 16, 3), dtype=np.uint8)
+    with zipfile.ZipFile(scene, "w") as archive:
+        archive.writestr("abc/transforms.json", json.dumps(transforms))
+        for i in range(2):
+            archive.writestr(f"abc/images_4/frame_{i:05d}.png", png_bytes(pixels))
+    reader = DL3DVReader(str(tmp_path))
+    [ref] = reader.scenes()
+    with reader.open(ref) as opened:
+        assert opened.meta.problems() == []
+        np.testing.assert_allclose(opened.meta.c2ws[0], C2W, atol=1e-12)
+        np.testing.assert_allclose(opened.meta.intrinsics[0], [15.0, 15.5, 8.25, 4.75])
+        rgbs = opened.views([1]).rgbs
+    np.testing.assert_array_equal((rgbs[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), pixels)
+
+
+def points3d_bytes(points) -> bytes:
+    """points: [(xyz, [image ids])] in COLMAP's binary layout, packed field by field."""
+    data = struct.pack("<Q", len(points))
+    for i, (xyz, track) in enumerate(points):
+        data += struct.pack("<Q", i + 7) + struct.pack("<ddd", *xyz) + bytes([10, 20, 30]) + struct.pack("<d", 0.5)
+        data += struct.pack("<Q", len(track)) + b"".join(struct.pack("<ii", image, 3) for image in track)
+    return data
+
+
+def test_dl3dv_eval_hand_built_zip_and_points_depth(tmp_path):
+    """Depth from COLMAP points: applied_transform, the world un-permutation, tracks by colmap_im_id,
+    nearest pixel, nearest depth wins."""
+    applied = [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0]]  # nerfstudio's for COLMAP
+    identity = np.eye(4)
+    frames = [{"file_path": "images/f0.png", "transform_matrix": nerfstudio_matrix(identity).tolist(), "colmap_im_id": 5},
+              {"file_path": "images/f1.png", "transform_matrix": nerfstudio_matrix(identity).tolist(), "colmap_im_id": 2}]
+    transforms = {"w": 16, "h": 10, "fl_x": 10.0, "fl_y": 10.0, "cx": 8.0, "cy": 5.0, "frames": frames,
+                  "applied_transform": applied}
+    # COLMAP world = our OpenCV world here; the camera is the identity.
+    points = [((0.0, 0.0, 2.0), [5]),      # -> pixel (8, 5), depth 2
+              ((0.0, 0.0, 4.0), [5, 2]),   # same pixel, farther: loses in frame 5, the only one in frame 2
+              ((0.4, -0.2, 2.0), [5])]     # -> (10, 4)
+    path = tmp_path / "s1.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("s1/gaussian_splat/transforms.json", json.dumps(transforms))
+        for name in ("f0.png", "f1.png"):
+            archive.writestr(f"s1/gaussian_splat/images_4/{name}", png_bytes(np.zeros((10, 16, 3), np.uint8)))
+        archive.writestr("s1/gaussian_splat/sparse/0/points3D.bin", points3d_bytes(points))
+    parsed = read_points3d_bin(points3d_bytes(points))
+    assert parsed.xyz.shape == (3, 3) and parsed.track_image.tolist() == [5, 5, 2, 5]
+    reader = DL3DVEvalReader(str(tmp_path))
+    with reader.open(reader.scenes()[0]) as opened:
+        np.testing.assert_allclose(opened.meta.c2ws[0], identity, atol=1e-12)
+        depths = opened.views([0, 1], depth=True).depths[:, 0]
+    expected = torch.zeros(2, 10, 16)
+    expected[0, 5, 8], expected[0, 4, 10], expected[1, 5, 8] = 2.0, 2.0, 4.0
+    assert torch.equal(depths, expected)
+
+
+def test_re10k_hand_built_chunk(tmp_path):
+    (tmp_path / "test").mkdir()
+    height, width = 12, 20
+    w2c = np.linalg.inv(C2W)[:3].reshape(-1)
+    row = [0.8, 1.2, 0.45, 0.55, 0.0, 0.0, *w2c]
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(jpeg, format="JPEG")
+    image = torch.tensor(list(jpeg.getvalue()), dtype=torch.uint8)
+    scene = {"key": "k1", "url": "", "timestamps": torch.tensor([0, 1]), "cameras": torch.tensor([row, row]),
+             "images": [image, image.clone()]}
+    torch.save([scene], tmp_path / "test" / "000000.torch")
+    (tmp_path / "test" / "index.json").write_text(json.dumps({"k1": "000000.torch"}))
+    reader = RE10KReader(str(tmp_path), split="test")
+    with reader.open(reader.scenes()[0]) as opened:
+        assert relative(opened.meta.c2ws[1], C2W) <= 1e-6
+        np.testing.assert_allclose(opened.meta.intrinsics[0], [16.0, 14.4, 9.0, 6.6], rtol=1e-6)
+        assert opened.views([0, 1]).rgbs.shape == (2, 3, height, width)
+
+
+def test_kubric_hand_built_tar(tmp_path):
+    """Members named ./x, metadata in OpenGL axes, the release's intrinsics formula, RGBA and float depth."""
+    scene = tmp_path / "v1" / "0007"
+    scene.mkdir(parents=True)
+    # A camera at (1, 2, 3) whose OpenGL rotation is 90 degrees about z: w x y z = (cos 45, 0, 0, sin 45).
+    s = np.sqrt(0.5)
+    metadata = {"metadata": {"resolution": [8, 8]},
+                "camera": {"focal_length": 35.0, "sensor_width": 32.0, "positions": [[1.0, 2.0, 3.0]] * 2,
+                           "quaternions": [[s, 0.0, 0.0, s]] * 2}}
+    depth = np.linspace(1, 2, 64, dtype=np.float32).reshape(8, 8)
+    tiff = io.BytesIO()
+    Image.fromarray(depth, mode="F").save(tiff, format="TIFF")
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    rgba[0, 0, 3] = 0
+    with tarfile.open(scene / "output_000.tar", "w") as archive:
+        for name, data in [("./metadata.json", json.dumps(metadata).encode()), ("./rgba_00000.png", png_bytes(rgba)),
+                           ("./rgba_00001.png", png_bytes(rgba)), ("./depth_00000.tiff", tiff.getvalue()),
+                           ("./depth_00001.tiff", tiff.getvalue())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    reader = KubricReader(str(tmp_path))
+    [ref] = reader.scenes()
+    assert ref.name == "v1/0007"
+    with reader.open(ref) as opened:
+        expected = np.array([[0.0, -1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 3.0], [0, 0, 0, 1.0]])
+        expected[:3, 1:3] *= -1  # OpenGL -> OpenCV
+        np.testing.assert_allclose(opened.meta.c2ws[1], expected, atol=1e-12)
+        np.testing.assert_allclose(opened.meta.intrinsics[0], [8.75, 8.75, 4.0, 4.0])
+        views = opened.views([1], depth=True)
+    np.testing.assert_array_equal(views.depths[0, 0].numpy(), depth)
+    assert float(views.masks[0, 0, 0, 0]) == 0.0 and float(views.masks[0, 0, 1, 1]) == 1.0
+    assert abs(float(views.rgbs[0, 0, 1, 1]) - 200 / 255) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry, sampling, camera math
+# ---------------------------------------------------------------------------------------------
+
+def test_registry_names_scales_and_kwargs(tmp_path):
+    assert parse_name("dl3dv_scaled_0.15")[1] == 0.15 and parse_name("dl3dv_scaled_0.15")[0].name == "dl3dv"
+    assert parse_name("dl3dv_eval_scaled_0.15")[0].name == "dl3dv_eval"
+    assert parse_name("kubric")[1] == 1.0
+    assert REGISTRY["dl3dv"].gap == (10, 40) and REGISTRY["kubric"].gap == (3, 23)
+    assert REGISTRY["dl3dv_eval"].gap == (0, 1e6) and REGISTRY["dl3dv"].default_root == "data/dl3dv"
+    with pytest.raises(ValueError, match="unknown dataset"):
+        parse_name("dl3dvv")
+    opt = get_preset("tiny").evolve(dataset_kwargs={"root_path": str(tmp_path / "nowhere"), "colour": "x"})
+    assert "colour" in dataset_root_problems(opt)[0]
+    opt = get_preset("tiny").evolve(dataset_kwargs={"root_path": str(tmp_path / "nowhere")})
+    assert "does not exist" in dataset_root_problems(opt)[0]
+
+
+def test_static_sampling_respects_gaps():
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        choice = sample_static_views(rng, 100, 4, 3, (10, 40))
+        context = list(choice.context)
+        assert context == sorted(context) and len(set(context)) == 4
+        assert 10 <= context[-1] - context[0] <= 40
+        assert all(context[0] <= t <= context[-1] for t in choice.targets)
+    short = sample_static_views(np.random.default_rng(0), 5, 2, 2, (10, 40))  # shorter than the gap
+    assert list(short.context) == [0, 4]
+
+
+def test_dynamic_sampling_grid_and_interpolated_targets():
+    for seed in range(100):
+        choice = sample_dynamic_views(np.random.default_rng(seed), 9, 24, 4, 4, (3, 23), True)
+        cams = [i // 24 for i in choice.context]
+        times = [i % 24 for i in choice.context]
+        assert cams[:2] == cams[2:] and len(set(cams[:2])) == 2  # the same cameras at both times
+        assert times[0] == times[1] and times[2] == times[3] and 3 <= times[2] - times[0] <= 23
+        assert all(times[0] <= i % 24 <= times[2] for i in choice.targets)
+    fixed = sample_dynamic_views(np.random.default_rng(1), 9, 24, 4, 8, (3, 23), False)
+    assert {i % 24 for i in fixed.targets} <= {i % 24 for i in fixed.context}
+
+
+def test_training_views_reproducible_per_seed_and_epoch(synthetic):
+    root, _ = synthetic["dl3dv"]
+    opt = tiny("dl3dv", root, num_views=5, num_input_views=3)
+    a, b = build_dataset(opt, "train"), build_dataset(opt, "train")
+    for epoch in (0, 3):
+        a.set_epoch(epoch), b.set_epoch(epoch)
+        for i in range(len(a)):
+            sa, sb = a[i], b[i]
+            assert torch.equal(sa["timesteps"], sb["timesteps"]) and torch.equal(sa["input"], sb["input"])
+            context = sa["timesteps"][:3].tolist()
+            assert context == sorted(context) and context[-1] - context[0] >= min(10, FRAMES["dl3dv"] - 1)
+    a.set_epoch(0)
+    first = [a[i]["timesteps"] for i in range(len(a))]
+    changed = False
+    for epoch in range(1, 6):
+        a.set_epoch(epoch)
+        changed |= any(not torch.equal(a[i]["timesteps"], first[i]) for i in range(len(a)))
+    assert changed
+
+
+def test_splits_hold_out_last_batch_and_collate(synthetic):
+    root, made = synthetic["dl3dv"]
+    opt = tiny("dl3dv", root, batch_size=1, data_mode=(("dl3dv_scaled_0.5", 2),))
+    train, val = build_dataset(opt, "train"), build_dataset(opt, "val")
+    names = sorted(s.name for s in made)
+    assert len(train) == 2 * (len(made) - 1) and len(val) == 1
+    assert val[0]["scene_name"] == names[-1]
+    batch = next(iter(DataLoader(train, batch_size=2)))
+    assert batch["input"].shape == (2, opt.num_views, 9, *opt.img_size) and len(batch["scene_name"]) == 2
+
+
+def test_eval_uses_the_json_views(synthetic):
+    root, made = synthetic["dl3dv_eval"]
+    opt = tiny("dl3dv_eval", root)
+    index = json.loads((root / "evaluation.json").read_text())
+    dataset = build_dataset(opt, "eval")
+    sample = dataset[0]
+    entry = index[sample["scene_name"]]
+    assert sample["timesteps"].long().tolist() == entry["context"] + entry["target"]
+    assert sample["images_output"].shape[0] == len(entry["target"])
+    with pytest.raises(DataLoadError, match="context views"):
+        build_dataset(opt.evolve(num_input_views=3), "eval")
+
+
+def test_crop_offset_rounds_half_to_even():
+    # raw width 96, crop 81 -> offset 7.5 -> 8; raw height 60, crop 45 -> 7.5 -> 8; 5 -> 2.5 -> 2
+    assert cameras.center_crop_box((54, 96), (32, 48))[:2] == (0, 8)
+    assert cameras.center_crop_box((60, 80), (32, 56))[:2] == (8, 0)
+    assert cameras.center_crop_box((10, 25), (10, 20))[1] == 2
+
+
+def test_camera_conventions_round_trip():
+    rng = np.random.default_rng(0)
+    q = torch.from_numpy(rng.normal(size=(16, 4)))
+    r = cameras.quaternion_to_matrix(q)
+    back = cameras.matrix_to_quaternion(r)
+    assert torch.allclose(cameras.quaternion_to_matrix(back), r, atol=1e-12)
+    c2w = torch.eye(4, dtype=torch.float64).repeat(16, 1, 1)
+    c2w[:, :3, :3], c2w[:, :3, 3] = r, torch.from_numpy(rng.normal(size=(16, 3)))
+    assert torch.allclose(cameras.nerfstudio_to_opencv(cameras.opencv_to_nerfstudio(c2w)), c2w, atol=1e-12)
+    assert torch.allclose(cameras.cam_view_to_c2w(cameras.c2w_to_cam_view(c2w)), c2w, atol=1e-10)
+    assert torch.allclose(cameras.reflect_c2w(cameras.reflect_c2w(c2w)), c2w)
+    w2c = torch.linalg.inv(c2w)[:, :3]
+    assert torch.allclose(cameras.w2c_to_c2w(w2c), c2w, atol=1e-10)
+    # a reflected camera sees the mirrored point at the mirrored pixel
+    k = torch.tensor([[20.0, 21.0, 13.0, 9.0]], dtype=torch.float64)
+    point = torch.tensor([0.3, -0.2, 2.5], dtype=torch.float64)
+
+    def project(c2w_one, k_one, p):
+        cam = torch.linalg.inv(c2w_one)[:3, :3] @ p + torch.linalg.inv(c2w_one)[:3, 3]
+        return torch.stack([k_one[0] * cam[0] / cam[2] + k_one[2], k_one[1] * cam[1] / cam[2] + k_one[3]])
+
+    c = c2w[0].clone()
+    c[:3, 3] = torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64)
+    c[:3, :3] = torch.eye(3, dtype=torch.float64)
+    uv = project(c, k[0], point)
+    uv_reflected = project(cameras.reflect_c2w(c), cameras.reflect_intrinsics(k, 30)[0], point * torch.tensor([-1.0, 1, 1]))
+    assert torch.allclose(uv_reflected, torch.stack([30 - uv[0], uv[1]]))
+
+
+def test_rays_and_time_embedding():
+    c2w = torch.eye(4)[None]
+    k = torch.tensor([[10.0, 10.0, 2.0, 1.0]])
+    origins, directions = cameras.pixel_rays(c2w, k, 2, 4)
+    assert torch.allclose(directions.norm(dim=1), torch.ones(1, 2, 4))
+    expected = torch.tensor([1.5 - 2.0, 0.5 - 1.0, 10.0]) / torch.tensor([1.5 - 2.0, 0.5 - 1.0, 10.0]).norm()
+    assert torch.allclose(directions[0, :, 0, 1], expected)
+    p = cameras.plucker(origins + torch.tensor([1.0, 0, 0])[None, :, None, None], directions)
+    assert torch.allclose(p[:, :3], torch.linalg.cross(torch.tensor([1.0, 0, 0])[None, :, None, None].expand_as(directions),
+                                                      directions, dim=1))
+    emb = cameras.time_embedding(torch.tensor([2.0, 4.0, 3.0]), 4)
+    t = torch.tensor([0.0, 1.0, 0.5])
+    assert torch.allclose(emb, torch.stack([torch.cos(t), torch.cos(t / 100), torch.sin(t), torch.sin(t / 100)], -1))
+
+
+def test_pointmap_scale_matches_an_independent_computation(synthetic):
+    """The pointmap scale of Kubric depths against a plain per-pixel loop in world coordinates."""
+    from tokengs.data.provider import preprocess_views
+
+    root, made = synthetic["kubric"]
+    scene = made[0]
+    frames = FRAMES["kubric"]
+    picks = [0, frames + 2]  # camera 0 frame 0, camera 1 frame 2
+    depths = scene.depths[picks]
+    c2ws, ks = scene.c2ws[picks], scene.intrinsics[picks]
+    first_inv = np.linalg.inv(c2ws[0])
+    distances = []
+    for depth, c2w, k in zip(depths, c2ws, ks):
+        normalized = first_inv @ c2w
+        for v in range(depth.shape[0]):
+            for u in range(depth.shape[1]):
+                z = float(depth[v, u])
+                if z > 1e-8:
+                    camera = np.array([(u - k[2]) / k[0] * z, (v - k[3]) / k[1] * z, z, 1.0])
+                    distances.append(np.linalg.norm((normalized @ camera)[:3]))
+    expected = 0.7 / np.mean(distances)
+    factor = cameras.scene_scale_factor("pointmap", cameras.normalize_cameras(torch.from_numpy(c2ws), 2, "first_cam"),
+                                        2, 0.7, torch.from_numpy(depths)[:, None], torch.from_numpy(ks))
+    assert abs(factor - expected) / expected < 1e-6
+    lo, hi = np.quantile(distances, [0.1, 0.9])
+    kept = [d for d in distances if lo <= d <= hi]
+    trimmed = cameras.scene_scale_factor("pointmap", cameras.normalize_cameras(torch.from_numpy(c2ws), 2, "first_cam"),
+                                         2, 0.7, torch.from_numpy(depths)[:, None], torch.from_numpy(ks), (0.1, 0.9))
+    assert abs(trimmed - 0.7 / np.mean(kept)) / trimmed < 1e-5
+    # and through preprocess_views: the second context camera's translation is scaled by it
+    opt = get_preset("tiny_kubric_dyn").evolve(camera_normalization_method="first_cam")
+    out = preprocess_views(opt, torch.rand(4, 3, *HW), None, torch.from_numpy(scene.depths[picks + picks])[:, None],
+                           torch.from_numpy(c2ws[[0, 1, 0, 1]]).float(), torch.from_numpy(ks[[0, 1, 0, 1]]).float(),
+                           torch.arange(4.0), 0.7)
+    translation = (first_inv @ c2ws[1])[:3, 3] * expected
+    assert relative(out["cam_to_world_input"][1, :3, 3], translation) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The check CLI
+# ---------------------------------------------------------------------------------------------
+
+def test_check_cli_clean_root(synthetic, tmp_path):
+    root, made = synthetic["dl3dv"]
+    report_path = tmp_path / "report.json"
+    assert check_main(["dl3dv_scaled_0.15", "--root", str(root), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["problems"] == [] and len(report["scenes"]) == len(made)
+    record = next(r for r in report["scenes"] if r["name"] == made[0].name)
+    assert record["frames"] == FRAMES["dl3dv"] and record["image_hw"] == list(HW)
+    assert relative(record["c2w"], made[0].c2ws[0]) <= 1e-5
+    assert relative(record["intrinsics"], made[0].intrinsics[0]) <= 1e-5
+
+
+def test_check_cli_flags_truncated_archive_missing_frame_and_nan_pose(synthetic, tmp_path):
+    source, made = synthetic["dl3dv"]
+    root = tmp_path / "dl3dv"
+    (root / "1K").mkdir(parents=True)
+    zips = sorted((source / "1K").glob("*.zip"))
+    truncated, missing, nan_pose = (root / "1K" / z.name for z in zips)
+    truncated.write_bytes(zips[0].read_bytes()[: zips[0].stat().st_size // 2])
+    with zipfile.ZipFile(zips[1]) as src, zipfile.ZipFile(missing, "w") as dst:
+        for item in src.infolist():
+            if not item.filename.endswith("frame_00003.png"):
+                dst.writestr(item, src.read(item))
+    with zipfile.ZipFile(zips[2]) as src, zipfile.ZipFile(nan_pose, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("transforms.json"):
+                transforms = json.loads(data)
+                transforms["frames"][4]["transform_matrix"][0][3] = float("nan")
+                data = json.dumps(transforms)
+            dst.writestr(item, data)
+    report_path = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "tokengs.data.check", "dl3dv", "--root", str(root), "--json",
+                             str(report_path)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    problems = json.loads(report_path.read_text())["problems"]
+    by_path = {}
+    for problem in problems:
+        by_path.setdefault(problem["path"], []).append(problem["problem"])
+    assert any("unreadable zip" in p for p in by_path[str(truncated)])
+    assert any("missing frame" in p and "frame_00003.png" in p for p in by_path[str(missing)])
+    assert any("non-finite pose" in p and "frame_00005.png" in p for p in by_path[str(nan_pose)])
+    assert "PROBLEM" in result.stdout
+
+
+def test_check_cli_flags_kubric_size_mismatch_and_short_scene(tmp_path):
+    generate("kubric", tmp_path, 1, seed=1, frames=2, height=HW[0], width=HW[1], cameras_per_scene=1)
+    tar_path = tmp_path / "v0" / "00000" / "output_000.tar"
+    with tarfile.open(tar_path) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(tar_path, "w") as archive:
+        for member, data in members:
+            if member.name.endswith("metadata.json"):
+                metadata = json.loads(data)
+                metadata["metadata"]["resolution"] = [HW[0] * 2, HW[1]]
+                data = json.dumps(metadata).encode()
+                member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    report_path = tmp_path / "r.json"
+    assert check_main(["kubric", "--root", str(tmp_path), "--json", str(report_path)]) == 1
+    problems = " | ".join(p["problem"] for p in json.loads(report_path.read_text())["problems"])
+    assert "aspect ratio" in problems and "fewer than the 4" in problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Resilient loading
+# ---------------------------------------------------------------------------------------------
+
+def test_failure_limit_stops_a_root_of_broken_scenes(tmp_path, caplog):
+    (tmp_path / "1K").mkdir()
+    for i in range(4):
+        (tmp_path / "1K" / f"bad{i}.zip").write_bytes(b"not a zip at all")
+    opt = get_preset("tiny").evolve(dataset_kwargs={"root_path": str(tmp_path)}, batch_size=1,
+                                    max_consecutive_load_failures=12)
+    dataset = build_dataset(opt, "train")
+    with caplog.at_level(logging.WARNING, logger="tokengs.data"), \
+            pytest.raises(DataLoadError, match=r"12 scenes in a row.*max_consecutive_load_failures=12.*bad\d\.zip"):
+        dataset[0]
+    assert dataset.load_failures == 12
+    logged = [r.getMessage() for r in caplog.records if "skipping scene" in r.getMessage()]
+    assert len(logged) == 3 and all("unreadable zip" in m for m in logged)  # once per path
+
+
+def test_broken_scene_is_replaced_in_training_and_fatal_in_evaluation(synthetic, tmp_path):
+    source, _ = synthetic["dl3dv"]
+    (tmp_path / "1K").mkdir()
+    zips = sorted((source / "1K").glob("*.zip"))
+    for z in zips:
+        (tmp_path / "1K" / z.name).write_bytes(z.read_bytes())
+    broken = tmp_path / "1K" / zips[0].name
+    broken.write_bytes(b"PK\x03\x04 broken")
+    opt = get_preset("tiny").evolve(dataset_kwargs={"root_path": str(tmp_path)}, batch_size=1)
+    dataset = build_dataset(opt, "train")
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert dataset.load_failures >= 1 and dataset.consecutive_failures == 0
+    assert all(s["scene_name"] != broken.stem for s in samples)
+    eval_opt = get_preset("tiny_eval").evolve(data_mode=(("dl3dv", 1),), dataset_kwargs={"root_path": str(tmp_path)})
+    with pytest.raises(DataLoadError, match=str(broken.name)):
+        build_dataset(eval_opt, "eval")[0]
+
+
+def test_evaluation_json_null_entries_are_skipped(synthetic, tmp_path):
+    root, _ = synthetic["dl3dv_eval"]
+    index = json.loads((root / "evaluation.json").read_text())
+    first, *rest = list(index)
+    index[first] = None  # pixelSplat's indices mark unusable scenes with null
+    path = tmp_path / "index.json"
+    path.write_text(json.dumps(index))
+    opt = tiny("dl3dv_eval", root, dataset_kwargs={"root_path": str(root), "evaluation_json": str(path)})
+    dataset = build_dataset(opt, "eval")
+    assert len(rest) == 2 and [dataset[i]["scene_name"] for i in range(len(dataset))] == rest

@@ -1,0 +1,143 @@
+"""Read every scene of a dataset root and report each problem before a long run.
+
+    python -m tokengs.data.check NAME --root R [--json OUT] [--preset P]
+
+NAME is a registry name (a `_scaled_X` suffix is accepted); every subset or split under R is
+read. Problems: an unreadable archive, a missing frame or file, an image that does not decode, an
+image size that disagrees with the metadata (aspect ratio off by more than one pixel) or frames
+of mixed size, a non-finite or degenerate pose, fewer frames than sampling needs (the dataset's
+minimum context gap + 1, and the preset's context views), evaluation-JSON indices out of range.
+Exits 1 when there is any, else 0. `--json OUT` writes {"dataset", "root", "scenes": [{"name",
+"path", "frames", "image_hw", "c2w" (first frame, OpenCV), "intrinsics" (fx, fy, cx, cy)}],
+"problems": [{"scene", "path", "problem"}]}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from tokengs.data.registry import evaluation_json_path, load_evaluation_json, make_reader, parse_name
+from tokengs.data.scene import DataLoadError, SceneError
+
+
+def _readers(spec, root: Path):
+    """One reader per split for layouts whose splits are separate datasets (re10k), else one."""
+    if spec.name == "re10k":
+        return [make_reader(spec, {"root_path": str(root), "split": split}, "train") for split in ("train", "test")
+                if (root / split).is_dir()]
+    return [make_reader(spec, {"root_path": str(root)}, "train")]
+
+
+def check_scene(reader, ref, min_frames: int, evaluation: Optional[dict]) -> Tuple[Optional[dict], List[str]]:
+    """(the scene's JSON record or None when it cannot be opened, its problems)."""
+    problems: List[str] = []
+    try:
+        scene = reader.open(ref)
+    except SceneError as exc:
+        return None, [str(exc)]
+    except Exception as exc:  # anything else a damaged file raises is a problem of this scene
+        return None, [f"{ref.path}: {type(exc).__name__}: {exc}"]
+    with scene:
+        meta = scene.meta
+        problems += meta.problems()
+        frames = meta.grid[1] if meta.grid else meta.num_frames
+        if frames < min_frames:
+            problems.append(f"{frames} frames{' per camera' if meta.grid else ''}, fewer than the {min_frames} "
+                            "that view sampling needs")
+        if evaluation is not None and evaluation.get(meta.name) is not None:
+            entry = evaluation[meta.name]
+            bad = [i for i in list(entry["context"]) + list(entry["target"]) if not 0 <= int(i) < meta.num_frames]
+            if bad:
+                problems.append(f"the evaluation JSON asks for frames {sorted(set(bad))} of {meta.num_frames}")
+        for i in range(meta.num_frames):
+            if i in meta.missing:
+                continue  # already reported by meta.problems()
+            # Kubric stores a depth file per frame; the benchmark derives every frame's depth from
+            # one points file, so reading it once (with the first frame) checks it.
+            try:
+                scene.views([i], depth=scene.has_depth and (meta.grid is not None or i == 0))
+            except SceneError as exc:
+                problems.append(str(exc))
+            except Exception as exc:
+                problems.append(f"{meta.frame_names[i]}: {type(exc).__name__}: {exc}")
+        record = {"name": meta.name, "path": str(meta.path), "frames": meta.num_frames,
+                  "image_hw": list(meta.image_hw), "c2w": meta.c2ws[0].tolist() if meta.num_frames else None,
+                  "intrinsics": meta.intrinsics[0].tolist() if meta.num_frames else None}
+    return record, problems
+
+
+def check(name: str, root: Path, num_input_views: int = 2) -> Dict:
+    """The report of every scene of dataset `name` under root (see the module docstring)."""
+    spec, _ = parse_name(name)
+    report: Dict = {"dataset": name, "root": str(root), "scenes": [], "problems": []}
+    problems = report["problems"]
+    if not root.is_dir():
+        problems.append({"scene": None, "path": str(root), "problem": "dataset root does not exist"})
+        return report
+    min_frames = max(int(spec.gap[0]) + 1, 1 if spec.dynamic else num_input_views)
+    evaluation = None
+    json_path = evaluation_json_path(spec, {}, root)
+    if json_path is not None:
+        try:
+            evaluation = load_evaluation_json(json_path)
+        except DataLoadError as exc:
+            problems.append({"scene": None, "path": str(json_path), "problem": str(exc)})
+    readers = _readers(spec, root)
+    found = 0
+    for reader in readers:
+        try:
+            refs = sorted(reader.scenes(), key=lambda r: (str(r.path), r.name))  # one chunk load per chunk
+        except Exception as exc:
+            problems.append({"scene": None, "path": str(reader.root), "problem": f"cannot list scenes ({exc})"})
+            continue
+        if spec.name == "re10k" and not reader.index_path.is_file():
+            problems.append({"scene": None, "path": str(reader.index_path),
+                             "problem": "missing index.json (scene key -> chunk file)"})
+        found += len(refs)
+        for ref in refs:
+            record, scene_problems = check_scene(reader, ref, min_frames, evaluation)
+            if record is not None:
+                report["scenes"].append(record)
+            problems += [{"scene": ref.name, "path": str(ref.path), "problem": p} for p in scene_problems]
+    if found == 0:
+        problems.append({"scene": None, "path": str(root), "problem": f"no {spec.name} scenes in the layout of "
+                                                                      "data/DATA.md"})
+    if evaluation is not None:
+        listed = {r["name"] for r in report["scenes"]} | {p["scene"] for p in problems}
+        absent = [s for s, entry in evaluation.items() if entry is not None and s not in listed]
+        if absent:
+            problems.append({"scene": None, "path": str(json_path), "problem": f"{len(absent)} scene(s) of the "
+                             f"evaluation JSON are not under the root (first: {', '.join(absent[:3])})"})
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="registry name: dl3dv, dl3dv_eval, re10k or kubric (_scaled_X accepted)")
+    parser.add_argument("--root", required=True, help="dataset root")
+    parser.add_argument("--json", help="write the per-scene report here")
+    parser.add_argument("--preset", help="count the context views of this preset in the frames a scene needs")
+    args = parser.parse_args(argv)
+    num_input_views = 2
+    if args.preset:
+        from tokengs.options import get_preset
+
+        num_input_views = get_preset(args.preset).num_input_views
+    try:
+        report = check(args.name, Path(args.root), num_input_views)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for problem in report["problems"]:
+        print(f"PROBLEM {problem['scene'] or '-'}: {problem['problem']}")
+    print(f"{args.name} at {args.root}: {len(report['scenes'])} scene(s) read, {len(report['problems'])} problem(s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 1 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
