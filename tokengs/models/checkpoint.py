@@ -104,7 +104,8 @@ def save_model(model: nn.Module, path: Union[str, Path]) -> None:
     path = Path(path)
     state = {name: tensor.detach().cpu().contiguous()
              for name, tensor in normalize_state_dict(model.state_dict()).items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # ends in .tmp so that a training workspace's recovery removes it after a kill mid-write
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(state, str(tmp), metadata={"format": "pt"})
         with open(tmp, "rb") as f:

@@ -1,0 +1,512 @@
+"""Training: `python -m tokengs.train PRESET [--flag value ...]`, or under `accelerate launch`.
+
+Reads top to bottom: options -> start-up checks -> workspace (resume or fresh) -> data ->
+model, optimizer, schedule -> the loop (step, NaN guard, checkpoint, SIGTERM) -> validation.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import pickle
+import random
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from tokengs import workspace as ws
+from tokengs.cli import fail, parse_options
+from tokengs.options import Options, OptionsError
+
+log = logging.getLogger("tokengs.train")
+
+# Fields that may differ between a workspace's config.yaml and the flags of a resumed run (the
+# workspace path too: a moved workspace, or one named by a relative path from elsewhere, resumes).
+RESUMABLE_CHANGES = {"workspace", "num_workers", "print_freq", "log_image_freq", "use_wandb", "resume", "retrain",
+                     "save_every_steps", "eval_n_media_dumps", "max_consecutive_load_failures",
+                     "max_consecutive_nonfinite_steps", "render_backend", "activation_checkpointing"}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many training steps in a row had a NaN/Inf loss or gradient."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces (tested on their own)
+# ---------------------------------------------------------------------------------------------
+
+def dyn_aux_weight(opt: Options, step: int) -> float:
+    """Weight of the dynamic-only render loss at optimizer step `step`: hold, then linear decay."""
+    if opt.lambda_dyn_aux <= 0:
+        return 0.0
+    if step < opt.lambda_dyn_aux_warmup_steps or opt.lambda_dyn_aux_decay_steps <= 0:
+        return opt.lambda_dyn_aux
+    progress = min(1.0, (step - opt.lambda_dyn_aux_warmup_steps) / opt.lambda_dyn_aux_decay_steps)
+    return opt.lambda_dyn_aux + (opt.lambda_dyn_aux_min - opt.lambda_dyn_aux) * progress
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float = 0.05) -> list[dict]:
+    """Weight decay on parameters of 2+ dimensions except the scene latents and the activation head
+    (the Gaussian tokens are decayed, as in the release)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or name.endswith("enc_dec_backbone.latents") or name.startswith("activation_head.")
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(opt: Options, model: torch.nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model), lr=opt.lr, betas=(0.9, 0.95), fused=torch.cuda.is_available())
+
+
+def steps_per_epoch(opt: Options, batches_per_process: int) -> int:
+    """Optimizer steps per epoch: iterations per epoch per process // gradient_accumulation_steps."""
+    return min(batches_per_process, opt.max_iters_per_epoch) // opt.gradient_accumulation_steps
+
+
+def build_scheduler(opt: Options, optimizer: torch.optim.Optimizer, total_steps: int):
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=opt.lr, total_steps=max(total_steps, 1),
+        pct_start=min(opt.pct_start_steps / max(total_steps, 1), 0.99), final_div_factor=opt.final_div_factor)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of the dataset seeded by (seed, epoch), sharded by rank, able to skip a
+    prefix (a resumed run continues mid-epoch with the same data order)."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def per_process(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        order += order[: self.per_process() * self.world_size - self.size]  # equal share for every rank
+        return iter(order[self.rank::self.world_size][self.skip:])
+
+    def __len__(self) -> int:
+        return max(self.per_process() - self.skip, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state (saved in metadata.json so a resumed run continues every random stream)
+# ---------------------------------------------------------------------------------------------
+
+def rng_state() -> str:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return base64.b64encode(pickle.dumps(state)).decode()
+
+
+def set_rng_state(encoded: str) -> None:
+    state = pickle.loads(base64.b64decode(encoded))
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up checks: every problem at once, before any data is read
+# ---------------------------------------------------------------------------------------------
+
+def startup_problems(opt: Options) -> list[str]:
+    from tokengs.data import dataset_root_problems
+
+    problems = list(dataset_root_problems(opt))
+    workspace = Path(opt.workspace)
+    resuming = (workspace / ws.METADATA_FILE).exists()
+    if opt.resume and not resuming:
+        path = Path(opt.resume)
+        if not path.is_file():
+            problems.append(f"--resume {path}: no such file; point it at a .safetensors/.pt checkpoint")
+        elif path.stat().st_size == 0:
+            problems.append(f"--resume {path}: the file is empty (a failed download or copy?)")
+    if resuming:
+        missing = ws.missing_checkpoint_files(workspace)
+        if missing:
+            problems.append(f"workspace {workspace} holds metadata.json but not {', '.join(missing)}: the checkpoint "
+                            "cannot be resumed; restore the files, or start a new --workspace "
+                            f"with --resume {workspace / ws.MODEL_FILE} to keep the weights")
+        config = workspace / ws.CONFIG_FILE
+        if config.exists():
+            try:
+                saved = Options.load_yaml(config)
+            except OptionsError as exc:
+                problems.append(str(exc))
+            else:
+                diff = [f"{k} (workspace {v!r}, flags {getattr(opt, k)!r})" for k, v in saved.to_dict().items()
+                        if k not in RESUMABLE_CHANGES and v != opt.to_dict()[k]]
+                if diff:
+                    problems.append(f"{config} disagrees with the flags given: {'; '.join(diff)}. Resume with "
+                                    f"`--config {config}` or choose another --workspace")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The training run
+# ---------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, opt: Options):
+        from accelerate import Accelerator
+
+        self.opt = opt
+        mixed = opt.mixed_precision if torch.cuda.is_available() else "no"  # CPU runs stay float32
+        self.accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=opt.gradient_accumulation_steps,
+                                       cpu=not torch.cuda.is_available())
+        self.workspace = Path(opt.workspace)
+        self.is_main = self.accelerator.is_main_process
+        self.stop_requested = False
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.window_losses: list[torch.Tensor] = []  # losses of the micro-batches of the current optimizer step
+        self.history: list[dict] = []
+        self.wandb_run_id: Optional[str] = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from tokengs.data import build_dataset
+        from tokengs.losses import LossComputer
+        from tokengs.models import TokenGS
+        from tokengs.models.checkpoint import load_model_checkpoint, load_weights
+
+        opt, acc = self.opt, self.accelerator
+        torch.manual_seed(opt.seed)
+        random.seed(opt.seed)
+        np.random.seed(opt.seed)
+        if self.is_main:
+            self.workspace.mkdir(parents=True, exist_ok=True)
+            ws.recover(self.workspace)
+            ws.atomic_write(self.workspace / ws.CONFIG_FILE, opt.save_yaml)
+        acc.wait_for_everyone()
+        metadata = ws.read_metadata(self.workspace)
+
+        self.train_set = build_dataset(opt, "train")
+        self.val_set = build_dataset(opt, "val")
+        self.sampler = EpochSampler(len(self.train_set), opt.seed, acc.process_index, acc.num_processes)
+        self.loader = DataLoader(self.train_set, batch_size=opt.batch_size, sampler=self.sampler,
+                                 num_workers=opt.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+                                 worker_init_fn=_ignore_sigterm)
+        batches = self.sampler.per_process() // opt.batch_size
+        self.steps_per_epoch = steps_per_epoch(opt, batches)
+        if self.steps_per_epoch == 0:
+            raise OptionsError(f"an epoch holds {batches} batches of {opt.batch_size} per process, fewer than "
+                               f"gradient_accumulation_steps={opt.gradient_accumulation_steps}; add scenes or "
+                               "lower --batch_size")
+
+        model = TokenGS(opt)
+        if metadata is None and opt.resume:
+            load_model_checkpoint(model, load_weights(opt.resume), opt, strict=False)
+        optimizer = build_optimizer(opt, model)
+        total = opt.num_epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(opt, optimizer, total)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.loss = LossComputer(opt, device=acc.device)
+        if metadata is not None:
+            self._resume(metadata)
+        if self.is_main:
+            self._init_loggers()
+
+    def _resume(self, metadata: dict) -> None:
+        from tokengs.models.checkpoint import load_model_checkpoint, load_weights
+
+        load_model_checkpoint(self.accelerator.unwrap_model(self.model), load_weights(self.workspace / ws.MODEL_FILE),
+                              self.opt, strict=True)
+        device = self.accelerator.device
+        self.optimizer.load_state_dict(torch.load(self.workspace / ws.OPTIMIZER_FILE, map_location=device,
+                                                  weights_only=False))
+        self.scheduler.load_state_dict(torch.load(self.workspace / ws.SCHEDULER_FILE, weights_only=False))
+        self.global_step = metadata["step"]
+        self.epoch = metadata["epoch"]
+        self.batch_in_epoch = metadata["batch_in_epoch"]
+        self.nonfinite_total = metadata.get("nonfinite_steps", 0)
+        self.wandb_run_id = metadata.get("wandb_run_id")
+        self.history = metadata.get("history", [])
+        if "rng_state" in metadata:
+            set_rng_state(metadata["rng_state"])
+        log.info("resuming %s at step %d (epoch %d, batch %d)", self.workspace, self.global_step, self.epoch,
+                 self.batch_in_epoch)
+
+    def _init_loggers(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.workspace / "tensorboard"))
+        self.wandb = None
+        if self.opt.use_wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=self.opt.project_name, name=self.opt.experiment_name,
+                                    dir=str(self.workspace), id=self.wandb_run_id, resume="allow",
+                                    config=self.opt.to_dict())
+            self.wandb_run_id = self.wandb.id
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the resumable checkpoint (main process only; every process waits for it)."""
+        from tokengs.models.checkpoint import save_model
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.is_main:
+            metadata = {"epoch": self.epoch, "step": self.global_step, "batch_in_epoch": self.batch_in_epoch,
+                        "nonfinite_steps": self.nonfinite_total, "wandb_run_id": self.wandb_run_id,
+                        "history": self.history, "rng_state": rng_state(), "time": time.time()}
+            model = acc.unwrap_model(self.model)
+            ws.save_checkpoint(self.workspace, {
+                ws.MODEL_FILE: lambda p: save_model(model, p),
+                ws.OPTIMIZER_FILE: lambda p: torch.save(self.optimizer.state_dict(), p),
+                ws.SCHEDULER_FILE: lambda p: torch.save(self.scheduler.state_dict(), p),
+                ws.METADATA_FILE: lambda p: p.write_text(json.dumps(metadata)),
+            }, step=self.global_step)
+        acc.wait_for_everyone()
+
+    # -- one optimizer step's worth of micro-batches --------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        opt, acc = self.opt, self.accelerator
+        batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        model = acc.unwrap_model(self.model)
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                packed = self.model(batch)
+            result = self.loss.backward(packed.float(), batch, dyn_aux_weight=dyn_aux_weight(opt, self.global_step),
+                                        num_static=opt.num_gs_tokens * opt.dec_patch_size**2,
+                                        backward=acc.backward)
+            # every micro-batch of the optimizer step counts: a NaN in an early one must skip the update too
+            self.window_losses.append(result.loss.detach())
+            stats = {"loss": result.loss.detach(), "psnr": result.psnr.detach().mean()}
+            if acc.sync_gradients:
+                losses, self.window_losses = torch.stack(self.window_losses), []
+                stats["loss"] = losses.mean()
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), opt.gradient_clip) \
+                    if opt.gradient_clip > 0 else _grad_norm(model)
+                bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(losses).all()
+                if acc.num_processes > 1:
+                    bad = acc.reduce(bad.float(), reduction="sum") > 0
+                if bool(bad):  # the update is skipped: weights and optimizer state stay as they were
+                    self.nonfinite_total += 1
+                    self.nonfinite_in_row += 1
+                    log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)",
+                                self.global_step, self.nonfinite_total)
+                    if self.nonfinite_in_row >= opt.max_consecutive_nonfinite_steps:
+                        raise NonFiniteError(
+                            f"{self.nonfinite_in_row} steps in a row had a NaN/Inf loss or gradient (limit "
+                            f"--max_consecutive_nonfinite_steps {opt.max_consecutive_nonfinite_steps}); the last "
+                            f"good checkpoint is in {self.workspace}. Lower --lr or check the data.")
+                else:
+                    self.optimizer.step()
+                    self.nonfinite_in_row = 0
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                stats["grad_norm"] = grad_norm.detach()
+        stats["gaussians"] = packed.detach()
+        return stats
+
+    # -- validation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        from tokengs.media import save_image_grid
+
+        if len(self.val_set) == 0:
+            return float("nan")
+        acc, opt = self.accelerator, self.opt
+        self.model.eval()
+        loader = DataLoader(self.val_set, batch_size=1, num_workers=0)
+        psnrs = []
+        for i, batch in enumerate(loader):
+            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with acc.autocast():
+                packed = self.model(batch)
+            result = self.loss.evaluate(packed.float(), batch)
+            psnrs.append(result.psnr.float().cpu())
+            if i == 0 and self.is_main:
+                save_image_grid(self.workspace / "val" / f"epoch_{self.epoch:04d}.png",
+                                [batch["images_output"][0], result.render.images[0]])
+        self.model.train()
+        return float(torch.cat(psnrs).mean())
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> bool:
+        """Train to the end and mark the workspace COMPLETE (True), or stop early on SIGTERM after
+        saving a checkpoint at the current step (False)."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.opt.num_epochs * self.steps_per_epoch, initial=self.global_step,
+                   disable=not self.is_main, desc="train", dynamic_ncols=True)
+        try:
+            with self._sigterm_stops():
+                finished = self._train_epochs(bar)
+        finally:
+            bar.close()
+            self._close_loggers()
+        if finished and self.is_main:
+            ws.atomic_write(self.workspace / ws.COMPLETE_FILE,
+                            lambda p: p.write_text(json.dumps({"step": self.global_step})))
+        return finished
+
+    def _train_epochs(self, bar) -> bool:
+        opt, acc = self.opt, self.accelerator
+        self.model.train()
+        micro_per_epoch = self.steps_per_epoch * opt.gradient_accumulation_steps
+        while self.epoch < opt.num_epochs:
+            self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * opt.batch_size)
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(self.epoch)
+            tick, tick_step = time.perf_counter(), self.global_step
+            for batch in self.loader:
+                if self.batch_in_epoch >= micro_per_epoch:
+                    break
+                stats = self.train_step(batch)
+                self.batch_in_epoch += 1
+                if not acc.sync_gradients:
+                    continue
+                self.global_step += 1
+                bar.update(1)
+                if self.global_step % opt.print_freq == 0 or self.global_step == 1:
+                    now = time.perf_counter()
+                    self._log(stats, (self.global_step - tick_step) / (now - tick), bar)
+                    tick, tick_step = now, self.global_step
+                stop = self._stop_agreed()
+                if stop or (opt.save_every_steps > 0 and self.global_step % opt.save_every_steps == 0):
+                    self.save()
+                if stop:
+                    return self._stopped()
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            psnr = self.validate()
+            self.history.append({"epoch": self.epoch, "step": self.global_step, "val_psnr": psnr})
+            if self.is_main:
+                self.tb.add_scalar("val/psnr", psnr, self.global_step)
+                if self.wandb:
+                    self.wandb.log({"val/psnr": psnr}, step=self.global_step)
+                log.info("epoch %d: validation PSNR %.2f dB", self.epoch, psnr)
+            self.save()
+            if self._stop_agreed():  # SIGTERM during validation: the epoch's checkpoint is the current step's
+                return self._stopped()
+        return True
+
+    @contextmanager
+    def _sigterm_stops(self):
+        """SIGTERM (how SLURM preempts) only sets a flag, which the loop checks after each step;
+        the previous handler is back afterwards."""
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        try:
+            previous = signal.signal(signal.SIGTERM, request_stop)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker): SIGTERM keeps its handler
+            previous = None
+        try:
+            yield
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process got SIGTERM. Processes get it at different moments, and all must stop
+        after the same step, or one would wait in the checkpoint's barrier while another trains on."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_requested
+        flag = torch.tensor(float(self.stop_requested), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+
+    def _stopped(self) -> bool:
+        log.warning("SIGTERM: checkpoint saved at step %d in %s; exiting (run the same command to resume)",
+                    self.global_step, self.workspace)
+        return False
+
+    def _close_loggers(self) -> None:
+        if not self.is_main:
+            return
+        self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+    def _log(self, stats: dict, steps_per_second: float, bar) -> None:
+        opt = self.opt
+        loss, psnr = float(stats["loss"]), float(stats["psnr"])
+        lr = self.scheduler.get_last_lr()[0]
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{psnr:.2f}", lr=f"{lr:.2e}", its=f"{steps_per_second:.2f}",
+                        mem=f"{mem:.1f}G", skipped=self.nonfinite_total)
+        self.history.append({"step": self.global_step, "loss": loss, "psnr": psnr, "lr": lr})
+        if not self.is_main:
+            return
+        scalars = {"train/loss": loss, "train/psnr": psnr, "train/lr": lr, "train/its": steps_per_second,
+                   "train/mem_gib": mem, "train/grad_norm": float(stats.get("grad_norm", float("nan"))),
+                   "train/skipped_steps": self.nonfinite_total,
+                   "train/dyn_aux_weight": dyn_aux_weight(opt, self.global_step)}
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, value, self.global_step)
+        if self.global_step % opt.log_image_freq == 0 or self.global_step == 1:
+            from tokengs.gaussians import Gaussians
+
+            g = Gaussians.unpack(stats["gaussians"].float())
+            for name, values in (("opacity", g.opacities), ("scale", g.scales), ("z", g.means[..., 2]),
+                                 ("color", g.colors)):
+                self.tb.add_histogram(f"gaussians/{name}", values.flatten().cpu(), self.global_step)
+        if self.wandb:
+            self.wandb.log(scalars, step=self.global_step)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM. SLURM sends it to every process of the job, and a worker
+    killed by it makes the next batch raise before the main process could save its checkpoint;
+    the main process shuts its workers down itself when it stops."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    grads = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+def run(opt: Options) -> bool:
+    """Train `opt` in `opt.workspace`: True when the workspace is COMPLETE, False when SIGTERM
+    stopped the run after a checkpoint. Raises OptionsError listing every problem of the setup."""
+    workspace = Path(opt.workspace)
+    if (workspace / ws.COMPLETE_FILE).exists():
+        if not opt.retrain:
+            log.warning("%s is COMPLETE; nothing to do (pass --retrain to train it again)", workspace)
+            return True
+        log.warning("--retrain: training %s again from the start; its checkpoint will be replaced", workspace)
+        ws.forget_checkpoint(workspace)
+    problems = startup_problems(opt)
+    if problems:
+        raise OptionsError(f"fix {len(problems)} problem(s) before training:\n  - " + "\n  - ".join(problems))
+    trainer = Trainer(opt)
+    trainer.setup()
+    return trainer.fit()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opt = parse_options(argv, prog="python -m tokengs.train")
+    try:
+        run(opt)
+    except OptionsError as exc:
+        fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()
