@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = next((p for p in (ROOT.parent / "shared", ROOT / "shared") if p.is_dir()), ROOT.parent / "shared")
+# the first shared/ that holds the fixtures (beside the checkout, or inside it on the GPU machine)
+SHARED = next((p for p in (ROOT.parent / "shared", ROOT / "shared") if (p / "fixtures" / "reference").is_dir()),
+              ROOT.parent / "shared")
 REFERENCE = SHARED / "fixtures" / "reference"
 
 

@@ -312,3 +312,25 @@ def time_embedding(timesteps: Tensor, dim: int) -> Tensor:
     frequencies = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
     angles = t[:, None] * frequencies
     return torch.cat([torch.cos(angles), torch.sin(angles)], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Camera paths for videos
+# ---------------------------------------------------------------------------------------------
+
+def orbit_path(c2ws: Tensor, num_frames: int, radius: Optional[float] = None) -> Tensor:
+    """A closed circle of cameras around the mean of `c2ws` [V, 4, 4] -> [num_frames, 4, 4].
+
+    Every camera keeps the mean camera's orientation and moves on a circle in its image plane
+    (right and down axes), the usual "spiral" path for forward-facing captures. radius: None takes
+    half the largest distance of a camera from the mean (a fixed small orbit for a single camera).
+    """
+    center = mean_camera(c2ws)
+    if radius is None:
+        spread = (c2ws[:, :3, 3] - center[:3, 3]).norm(dim=-1).max()
+        radius = float(spread) / 2 if spread > 0 else 0.05
+    angles = torch.linspace(0, 2 * math.pi, num_frames + 1, dtype=c2ws.dtype)[:-1]
+    offsets = radius * (torch.cos(angles)[:, None] * center[:3, 0] + torch.sin(angles)[:, None] * center[:3, 1])
+    path = center.expand(num_frames, 4, 4).clone()
+    path[:, :3, 3] = center[:3, 3] + offsets
+    return path

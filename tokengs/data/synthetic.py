@@ -38,6 +38,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from tokengs import cameras
 
@@ -542,7 +543,8 @@ def _scene_rng(seed: int, layout: str, index: int) -> np.random.Generator:
 
 
 def generate(layout: str, out, scenes: int, seed: int = 0, frames: Optional[int] = None, height: Optional[int] = None,
-             width: Optional[int] = None, cameras_per_scene: int = 9, eval_context: int = 2) -> List[GeneratedScene]:
+             width: Optional[int] = None, cameras_per_scene: int = 9, eval_context: int = 2,
+             progress: bool = False) -> List[GeneratedScene]:
     """Write `scenes` synthetic scenes of a layout under the dataset root `out` (see the module
     docstring) and return what was made, in our conventions, for checks."""
     if layout not in LAYOUTS:
@@ -554,7 +556,7 @@ def generate(layout: str, out, scenes: int, seed: int = 0, frames: Optional[int]
     if layout == "re10k":
         return write_re10k(out, scenes, seed, frames, hw)
     made = []
-    for i in range(scenes):
+    for i in tqdm(range(scenes), desc=f"synthetic {layout} scenes", disable=not progress, dynamic_ncols=True):
         rng = _scene_rng(seed, layout, i)
         textures = make_textures(rng, hw[1])
         if layout == "kubric":
@@ -583,7 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     made = generate(args.layout, args.out, args.scenes, args.seed, args.frames, args.height, args.width,
-                    args.cameras, args.eval_context)
+                    args.cameras, args.eval_context, progress=True)
     print(f"wrote {len(made)} {args.layout} scenes to {args.out} in {time.perf_counter() - start:.1f} s")
 
 
