@@ -229,10 +229,11 @@ class Trainer:
             self._init_loggers()
 
     def _resume(self, metadata: dict) -> None:
-        from tokengs.models.checkpoint import load_model_checkpoint, load_weights
+        from tokengs.models.checkpoint import load_model_checkpoint
 
-        load_model_checkpoint(self.accelerator.unwrap_model(self.model), load_weights(self.workspace / ws.MODEL_FILE),
-                              self.opt, strict=True)
+        # the path, not its weights, so that a strict-loading error names the file
+        load_model_checkpoint(self.accelerator.unwrap_model(self.model), self.workspace / ws.MODEL_FILE, self.opt,
+                              strict=True)
         device = self.accelerator.device
         self.optimizer.load_state_dict(torch.load(self.workspace / ws.OPTIMIZER_FILE, map_location=device,
                                                   weights_only=False))
@@ -273,12 +274,21 @@ class Trainer:
                         "nonfinite_steps": self.nonfinite_total, "wandb_run_id": self.wandb_run_id,
                         "history": self.history, "rng_state": rng_state(), "time": time.time()}
             model = acc.unwrap_model(self.model)
-            ws.save_checkpoint(self.workspace, {
-                ws.MODEL_FILE: lambda p: save_model(model, p),
-                ws.OPTIMIZER_FILE: lambda p: torch.save(self.optimizer.state_dict(), p),
-                ws.SCHEDULER_FILE: lambda p: torch.save(self.scheduler.state_dict(), p),
-                ws.METADATA_FILE: lambda p: p.write_text(json.dumps(metadata)),
-            }, step=self.global_step)
+            previous = ws.read_metadata(self.workspace)
+            try:
+                ws.save_checkpoint(self.workspace, {
+                    ws.MODEL_FILE: lambda p: save_model(model, p),
+                    ws.OPTIMIZER_FILE: lambda p: torch.save(self.optimizer.state_dict(), p),
+                    ws.SCHEDULER_FILE: lambda p: torch.save(self.scheduler.state_dict(), p),
+                    ws.METADATA_FILE: lambda p: p.write_text(json.dumps(metadata)),
+                }, step=self.global_step)
+            except OSError as exc:  # a full disk, a lost mount, a quota: say where, and what survived
+                kept = (f"the checkpoint of step {previous['step']} is intact" if previous else
+                        "no earlier checkpoint exists")
+                raise ws.WorkspaceError(
+                    f"cannot write the checkpoint of step {self.global_step} to {self.workspace} "
+                    f"({exc.strerror or exc}); {kept}. Free space there (or fix the disk) and run the same "
+                    "command to resume") from exc
         acc.wait_for_everyone()
 
     # -- one optimizer step's worth of micro-batches --------------------------------------------
@@ -501,11 +511,15 @@ def run(opt: Options) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tokengs.models.checkpoint import CheckpointError
+
     opt = parse_options(argv, prog="python -m tokengs.train")
     try:
         run(opt)
-    except OptionsError as exc:
+    except (OptionsError, CheckpointError) as exc:  # the command or its files need fixing: nothing was trained
         fail(str(exc))
+    except ws.WorkspaceError as exc:  # the workspace failed mid-run (e.g. a full disk); its last checkpoint stands
+        fail(str(exc), code=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,546 @@
+"""Faults and bad input, caused on purpose: damaged data, damaged or foreign checkpoints, a full
+disk mid-run, non-finite numbers, mistyped command lines. Each test shows what the user gets: a
+logged skip, a clear error naming the file, or a run that stops with its last checkpoint intact.
+
+Cases already shown elsewhere are not repeated here (the README's "What survives what" lists
+them all): a truncated zip, a missing frame and a NaN pose in the check CLI and a broken zip
+replaced in training (test_data.py); a kill or SIGTERM mid-run and mid-write, a NaN loss, flags
+that disagree with the workspace (test_train.py); a truncated, empty or foreign checkpoint loaded
+directly (test_model.py, test_evaluate.py); parse_options' one-line errors (test_options.py).
+
+Everything runs on tiny synthetic scenes in this process, on one thread, except one real
+command line per entry point.
+"""
+
+import errno
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from tokengs import workspace as ws
+from tokengs.data import build_dataset
+from tokengs.data.check import main as check_main
+from tokengs.data.scene import DataLoadError
+from tokengs.data.synthetic import generate
+from tokengs.evaluate import main as evaluate_main
+from tokengs.evaluate import score_views
+from tokengs.gaussians import Gaussians
+from tokengs.models import TokenGS
+from tokengs.models.checkpoint import load_model_checkpoint, save_model
+from tokengs.options import get_preset
+from tokengs.rendering import render
+from tokengs.train import NonFiniteError, Trainer
+from tokengs.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+HW = (32, 48)  # the tiny presets' image size: no resize, fast decoding
+FRAMES = 12  # DL3DV's smallest context gap is 10 frames: 11 is the fewest a scene may have
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**changes):
+    return get_preset("tiny").evolve(**changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: one damaged scene of each kind beside good ones
+# ---------------------------------------------------------------------------------------------
+
+def rewrite_zip(path: Path, edit) -> None:
+    """Rewrite the archive with edit(member, data) -> new data, or None to leave the member out."""
+    with zipfile.ZipFile(path) as archive:
+        items = [(name, archive.read(name)) for name in archive.namelist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in items:
+            data = edit(name, data)
+            if data is not None:
+                archive.writestr(name, data)
+
+
+def edit_first_pose(change):
+    """A zip edit that applies change(matrix) to frame 0's transform_matrix (a 4x4 list) in transforms.json."""
+    def edit(name, data):
+        if not name.endswith("transforms.json"):
+            return data
+        transforms = json.loads(data)
+        change(transforms["frames"][0]["transform_matrix"])
+        return json.dumps(transforms).encode()
+    return edit
+
+
+def cut_pngs(name, data):
+    # the PNG header (read for the size) survives, the pixels do not: the decoder must refuse it
+    return data[: len(data) // 2] if name.endswith(".png") else data
+
+
+def small_first_frame(name, data):
+    if not name.endswith("frame_00001.png"):
+        return data
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    return cv2.imencode(".png", image[::2, ::2])[1].tobytes()  # half the size of every other frame
+
+
+def nan_translation(matrix):
+    matrix[0][3] = float("nan")
+
+
+def zero_rotation(matrix):
+    for row in matrix[:3]:
+        row[:3] = [0.0, 0.0, 0.0]
+
+
+# damage -> (zip edit, what the error says). Each damage breaks the whole scene whichever views a
+# sample draws: every frame, frame 0 (whose size and pose every scene check reads), or the archive.
+DL3DV_DAMAGES = {
+    "undecodable": (cut_pngs, "cannot decode the image"),
+    "no_transforms": (lambda name, data: None if name.endswith("transforms.json") else data,
+                      "no transforms.json in the archive"),
+    "nan_pose": (edit_first_pose(nan_translation), "non-finite pose"),
+    "singular_pose": (edit_first_pose(zero_rotation), "degenerate pose"),
+    "wrong_size": (small_first_frame, "frames of mixed size"),
+}
+
+
+@pytest.fixture(scope="module")
+def dl3dv(tmp_path_factory):
+    """A DL3DV root: one scene per damage, a 3-frame scene, and 2 good scenes (the last is held out
+    for validation). Returns (root, {damage: zip path}, [good names])."""
+    root = tmp_path_factory.mktemp("dl3dv")
+    generate("dl3dv", root, len(DL3DV_DAMAGES) + 2, seed=0, frames=FRAMES, height=HW[0], width=HW[1])
+    short = tmp_path_factory.mktemp("short")
+    generate("dl3dv", short, 1, seed=1, frames=3, height=HW[0], width=HW[1])
+    (short_zip,) = (short / "1K").glob("*.zip")
+    zips = sorted((root / "1K").glob("*.zip"))
+    damaged = dict(zip(DL3DV_DAMAGES, zips))
+    for damage, path in damaged.items():
+        rewrite_zip(path, DL3DV_DAMAGES[damage][0])
+    damaged["few_frames"] = shutil.copy(short_zip, root / "1K" / short_zip.name)
+    return root, damaged, [p.stem for p in zips[len(DL3DV_DAMAGES):]]
+
+
+def check_report(name: str, root: Path, tmp_path: Path, *flags: str) -> dict:
+    """Run the data check CLI (in this process); it must exit 1. {path: [problems]}."""
+    report = tmp_path / "report.json"
+    assert check_main([name, "--root", str(root), "--json", str(report), *flags]) == 1
+    by_path = {}
+    for problem in json.loads(report.read_text())["problems"]:
+        by_path.setdefault(problem["path"], []).append(problem["problem"])
+    return by_path
+
+
+def assert_skipped_in_training(opt, bad: dict, caplog) -> None:
+    """Every sample of a bad scene (name -> what its log line says, the path first) is replaced by
+    a good scene's, and each bad file is logged once (scenes of one broken chunk share a line)."""
+    dataset = build_dataset(opt, "train")
+    with caplog.at_level(logging.WARNING, logger="tokengs.data"):
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            assert sample["scene_name"] not in bad and torch.isfinite(sample["input"]).all()
+    logged = [r.getMessage() for r in caplog.records if "skipping scene" in r.getMessage()]
+    for reason in set(bad.values()):
+        (line,) = [m for m in logged if reason in m]
+        assert any(f"skipping scene {name} " in line for name in bad), line
+    # a replacement may draw a bad scene not met yet: more failures than bad scenes
+    assert dataset.load_failures >= len(bad) and dataset.consecutive_failures == 0
+
+
+def test_check_cli_names_each_damaged_dl3dv_scene_and_its_problem(dl3dv, tmp_path):
+    root, damaged, good = dl3dv
+    problems = check_report("dl3dv", root, tmp_path, "--preset", "tiny")
+    expected = {damage: reason for damage, (_, reason) in DL3DV_DAMAGES.items()}
+    expected["few_frames"] = "3 frames, fewer than the 11 that view sampling needs"
+    for damage, reason in expected.items():
+        assert any(reason in p for p in problems[str(damaged[damage])]), (damage, problems[str(damaged[damage])])
+    assert set(problems) == {str(p) for p in damaged.values()}  # the good scenes have none
+
+
+def test_training_logs_and_replaces_each_damaged_dl3dv_scene(dl3dv, caplog):
+    root, damaged, _ = dl3dv
+    # the 3-frame scene trains: a short scene's gap is clipped to its length (the check CLI warns of it)
+    bad = {damaged[d].stem: f"{damaged[d]}" for d in DL3DV_DAMAGES}
+    assert_skipped_in_training(tiny(dataset_kwargs={"root_path": str(root)}, batch_size=1), bad, caplog)
+    logged = caplog.text
+    for damage, (_, reason) in DL3DV_DAMAGES.items():
+        assert reason in logged, damage
+
+
+def test_evaluation_stops_at_a_damaged_scene_naming_it(dl3dv):
+    root, damaged, _ = dl3dv
+    opt = get_preset("tiny_eval").evolve(data_mode=(("dl3dv", 1),), dataset_kwargs={"root_path": str(root)})
+    dataset = build_dataset(opt, "eval")
+    index_of = {ref.name: i for i, (_, ref) in enumerate(dataset.entries)}
+    for damage, (_, reason) in DL3DV_DAMAGES.items():
+        with pytest.raises(DataLoadError) as error:
+            dataset[index_of[damaged[damage].stem]]
+        assert str(damaged[damage]) in str(error.value) and reason in str(error.value), damage
+
+
+@pytest.fixture(scope="module")
+def kubric(tmp_path_factory):
+    """A Kubric root: scene 0 with a truncated camera tar, scene 1 without metadata.json, 2 good."""
+    root = tmp_path_factory.mktemp("kubric")
+    generate("kubric", root, 4, seed=0, frames=4, height=32, width=32, cameras_per_scene=2)
+    truncated = root / "v0" / "00000" / "output_001.tar"
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    no_metadata = root / "v0" / "00001" / "output_000.tar"
+    with tarfile.open(no_metadata) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers() if m.isfile()]
+    with tarfile.open(no_metadata, "w") as archive:
+        for member, data in members:
+            if not member.name.endswith("metadata.json"):
+                archive.addfile(member, io.BytesIO(data))
+    return root, {"v0/00000": truncated, "v0/00001": no_metadata}
+
+
+def test_kubric_truncated_tar_and_missing_metadata_are_skipped_and_reported(kubric, tmp_path, caplog):
+    root, bad = kubric
+    problems = check_report("kubric", root, tmp_path)
+    reports = {name: " | ".join(p for path, ps in problems.items() if path.startswith(str(root / name)) for p in ps)
+               for name in bad}
+    assert str(bad["v0/00000"]) in reports["v0/00000"]
+    assert f"{bad['v0/00001']}:metadata.json: missing file" in reports["v0/00001"]
+    opt = tiny(data_mode=(("kubric", 1),), dataset_kwargs={"root_path": str(root)}, batch_size=1)
+    assert_skipped_in_training(opt, {"v0/00000": str(bad["v0/00000"]),
+                                     "v0/00001": f"{bad['v0/00001']}:metadata.json: missing file"}, caplog)
+
+
+def test_re10k_truncated_chunk_is_skipped_and_reported(tmp_path, caplog):
+    root = tmp_path / "re10k"
+    generate("re10k", root, 8, seed=0, frames=6, height=HW[0], width=HW[1])  # train: 2 chunks of 4 scenes
+    chunk = root / "train" / "000000.torch"
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    in_chunk = [k for k, v in json.loads((root / "train" / "index.json").read_text()).items() if v == chunk.name]
+    problems = check_report("re10k", root, tmp_path)
+    # (the other scenes are reported too, as shorter than re10k's context gap: only this chunk is unreadable)
+    assert len(problems[str(chunk)]) == len(in_chunk) and all("unreadable chunk" in p for p in problems[str(chunk)])
+    assert not any("unreadable" in p for path, ps in problems.items() if path != str(chunk) for p in ps)
+    opt = tiny(data_mode=(("re10k", 1),), dataset_kwargs={"root_path": str(root)}, batch_size=1)
+    assert_skipped_in_training(opt, {key: f"{chunk}: unreadable chunk" for key in in_chunk}, caplog)
+
+
+@pytest.fixture(scope="module")
+def eval_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dl3dv_eval")
+    generate("dl3dv_eval", root, 2, seed=0, frames=6, height=HW[0], width=HW[1])
+    checkpoint = root.parent / "tiny_eval.safetensors"  # any model of the preset: start-up only checks it is there
+    save_model(TokenGS(get_preset("tiny_eval")), checkpoint)
+    return root, checkpoint
+
+
+def test_evaluation_json_naming_an_absent_scene_exits_2_before_any_work(eval_root, tmp_path, capsys):
+    root, checkpoint = eval_root
+    index = json.loads((root / "evaluation.json").read_text())
+    index["no_such_scene"] = next(iter(index.values()))
+    bad_json = tmp_path / "evaluation.json"
+    bad_json.write_text(json.dumps(index))
+    with pytest.raises(SystemExit) as stop:
+        evaluate_main(["tiny_eval", "--workspace", str(tmp_path / "ws"), "--resume", str(checkpoint),
+                       "--dataset_kwargs", "root_path", str(root), "evaluation_json", str(bad_json)])
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and "1 problem(s)" in message
+    assert f"evaluation JSON {bad_json} names 1 scene(s) not under {root} (first: no_such_scene)" in message
+    assert not (tmp_path / "ws").exists()
+    # the check CLI reads the root's own evaluation.json: give it the bad one in a copy of the root
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)
+    shutil.copy(bad_json, copy / "evaluation.json")
+    problems = check_report("dl3dv_eval", copy, tmp_path)
+    assert any("not under the root (first: no_such_scene)" in p for p in problems[str(copy / "evaluation.json")])
+
+
+def test_evaluation_json_asking_for_frames_a_scene_lacks_names_the_scene(eval_root, tmp_path):
+    root, _ = eval_root
+    index = json.loads((root / "evaluation.json").read_text())
+    first = next(iter(index))
+    index[first]["target"].append(6)  # the scenes have frames 0..5: fewer than the JSON needs
+    path = tmp_path / "evaluation.json"
+    path.write_text(json.dumps(index))
+    opt = get_preset("tiny_eval").evolve(dataset_kwargs={"root_path": str(root), "evaluation_json": str(path)})
+    with pytest.raises(DataLoadError) as error:
+        build_dataset(opt, "eval")[0]
+    assert f"{root / first}.zip: the evaluation JSON asks for frames [6] of a scene with 6 frames" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: damaged, foreign or incomplete ones stop the run at start-up, untouched
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clean_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clean")
+    generate("dl3dv", root, 3, seed=2, frames=FRAMES, height=HW[0], width=HW[1])
+    return root
+
+
+def train_flags(root: Path, workspace: Path, *flags: str, epochs: int = 1) -> list[str]:
+    """Epochs of 2 steps (3 scenes, the last held out for validation)."""
+    return ["tiny", "--workspace", str(workspace), "--dataset_kwargs", "root_path", str(root), "--batch_size", "1",
+            "--num_epochs", str(epochs), *flags]
+
+
+@pytest.fixture(scope="module")
+def trained(clean_root, tmp_path_factory) -> Path:
+    """A workspace killed after its last checkpoint (no COMPLETE): the same command resumes it."""
+    workspace = tmp_path_factory.mktemp("trained") / "ws"
+    train_main(train_flags(clean_root, workspace))
+    (workspace / ws.COMPLETE_FILE).unlink()
+    return workspace
+
+
+def checkpoint_bytes(workspace: Path) -> dict:
+    return {name: (workspace / name).read_bytes() for name in ws.CHECKPOINT_FILES if (workspace / name).exists()}
+
+
+def train_fails(argv: list[str], capsys, code: int = 2) -> str:
+    """Run the training command line in this process; it must exit with `code`. Its message."""
+    with pytest.raises(SystemExit) as stop:
+        train_main(argv)
+    assert stop.value.code == code
+    return capsys.readouterr().err
+
+
+def damage_truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def damage_empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def damage_other_preset(path: Path) -> None:
+    save_model(TokenGS(get_preset("tiny_latent")), path)
+
+
+@pytest.mark.parametrize("damage, says", [
+    (damage_truncate, "is not a readable safetensors file"),
+    (damage_empty, "is empty (0 bytes)"),
+    (damage_other_preset, "does not fit this model (strict loading); it probably belongs to preset 'tiny_latent'"),
+])
+def test_resuming_a_damaged_or_foreign_workspace_model_exits_2_and_touches_nothing(clean_root, trained, tmp_path,
+                                                                                   capsys, damage, says):
+    workspace = tmp_path / "ws"
+    shutil.copytree(trained, workspace)
+    damage(workspace / ws.MODEL_FILE)
+    before = checkpoint_bytes(workspace)
+    message = train_fails(train_flags(clean_root, workspace), capsys)
+    assert f"checkpoint {workspace / ws.MODEL_FILE} {says}" in message
+    assert checkpoint_bytes(workspace) == before, "a failed resume changed the workspace's files"
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_empty])
+def test_resume_flag_naming_a_damaged_checkpoint_exits_2_naming_it(clean_root, trained, tmp_path, capsys, damage):
+    checkpoint = tmp_path / "weights.safetensors"
+    shutil.copy(trained / ws.MODEL_FILE, checkpoint)
+    damage(checkpoint)
+    message = train_fails(train_flags(clean_root, tmp_path / "ws", "--resume", str(checkpoint)), capsys)
+    assert str(checkpoint) in message and ("not a readable safetensors file" in message or "is empty" in message)
+    assert not (tmp_path / "ws" / ws.MODEL_FILE).exists()
+    assert not (tmp_path / "ws" / ws.METADATA_FILE).exists()
+
+
+def test_missing_optimizer_file_on_resume_exits_2_before_training(clean_root, trained, tmp_path, capsys):
+    workspace = tmp_path / "ws"
+    shutil.copytree(trained, workspace)
+    (workspace / ws.OPTIMIZER_FILE).unlink()
+    before = checkpoint_bytes(workspace)
+    message = train_fails(train_flags(clean_root, workspace), capsys)
+    assert f"workspace {workspace} holds metadata.json but not optimizer.pth" in message
+    assert f"--resume {workspace / ws.MODEL_FILE}" in message  # how to keep the weights
+    assert checkpoint_bytes(workspace) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk mid-run: a clear error, and the last good checkpoint resumes
+# ---------------------------------------------------------------------------------------------
+
+def test_disk_full_while_saving_stops_with_a_clear_error_and_the_last_checkpoint_resumes(clean_root, tmp_path,
+                                                                                        monkeypatch, capsys, caplog):
+    import safetensors.torch
+
+    workspace = tmp_path / "ws"
+    argv = train_flags(clean_root, workspace, "--save_every_steps", "1", epochs=2)  # 4 steps
+    real_save_file, saves = safetensors.torch.save_file, []
+
+    def disk_full_after_the_first_save(tensors, filename, metadata=None):
+        # the file layer the checkpoint's weights are written through: the second save finds the disk full
+        saves.append(filename)
+        if len(saves) == 1:
+            return real_save_file(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_after_the_first_save)
+    message = train_fails(argv, capsys, code=1).splitlines()[-1]  # the line after the progress bar
+    assert len(saves) == 2 and message.startswith("error: ")
+    assert f"cannot write the checkpoint of step 2 to {workspace}" in message and "No space left on device" in message
+    assert "the checkpoint of step 1 is intact" in message
+    assert sorted(p.name for p in workspace.iterdir() if p.is_file()) == sorted(ws.CHECKPOINT_FILES +
+                                                                                (ws.CONFIG_FILE,))
+    assert ws.read_metadata(workspace)["step"] == 1
+    load_model_checkpoint(TokenGS(get_preset("tiny")), workspace / ws.MODEL_FILE, strict=True)
+
+    monkeypatch.undo()  # space freed: the same command resumes at step 1 and finishes
+    with caplog.at_level(logging.INFO, logger="tokengs.train"):
+        train_main(argv)
+    assert f"resuming {workspace} at step 1 " in caplog.text
+    assert (workspace / ws.COMPLETE_FILE).exists() and ws.read_metadata(workspace)["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics
+# ---------------------------------------------------------------------------------------------
+
+def poison_images(batch: dict) -> dict:
+    poisoned = batch["input"].clone()
+    poisoned[:, :, :3] = float("nan")  # the encoder's RGB channels
+    return dict(batch, input=poisoned)
+
+
+def poison_cameras(batch: dict) -> dict:
+    # every camera of the sample: the encoder's rays and the target cameras the loss renders into
+    poisoned = batch["input"].clone()
+    poisoned[:, :, 3:] = float("nan")
+    return dict(batch, input=poisoned, cam_view=torch.full_like(batch["cam_view"], float("nan")))
+
+
+def test_nonfinite_inputs_and_gradients_skip_the_update_and_are_bounded(clean_root, tmp_path):
+    # test_train.py shows a NaN target image (a NaN loss); here the NaN enters the model, or only its gradient
+    trainer = Trainer(tiny(workspace=str(tmp_path / "ws"), dataset_kwargs={"root_path": str(clean_root)},
+                           batch_size=1, num_epochs=10, max_consecutive_nonfinite_steps=2))  # room for 13 steps
+    trainer.setup()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    batch = next(iter(trainer.loader))
+    trainer.train_step(batch)  # a real update first: the optimizer holds moments that a bad step could spoil
+
+    def state():
+        return [p.detach().clone() for p in model.parameters()] + \
+            [t.clone() for s in trainer.optimizer.state.values() for t in s.values()]
+
+    def infinite_gradient(grad):
+        return torch.full_like(grad, float("inf"))
+
+    for poison in (poison_images, poison_cameras, None):
+        hook = None if poison else model.gs_tokens.register_hook(infinite_gradient)  # a finite loss, an Inf gradient
+        before, skipped = state(), trainer.nonfinite_total
+        stats = trainer.train_step(poison(batch) if poison else batch)
+        assert all(torch.equal(a, b) for a, b in zip(before, state())), f"{poison}: the bad step changed the model"
+        assert trainer.nonfinite_total == skipped + 1 and not torch.isfinite(stats["grad_norm"])
+        if hook:
+            assert torch.isfinite(stats["loss"])
+            hook.remove()
+        trainer.train_step(batch)  # a good step: the run of bad ones ends
+        assert trainer.nonfinite_in_row == 0
+    with pytest.raises(NonFiniteError, match="2 steps in a row"):
+        for _ in range(2):
+            trainer.train_step(poison_cameras(batch))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def gaussians_of(rows) -> Gaussians:
+    """One scene from rows of (mean xyz, opacity, scale xyz, rgb), identity rotations, gradients on."""
+    columns = [torch.tensor([row[k] for row in rows], dtype=torch.float32)[None].requires_grad_()
+               for k in range(4)]
+    quats = torch.tensor([[1.0, 0, 0, 0]] * len(rows))[None].requires_grad_()
+    return Gaussians(means=columns[0], opacities=columns[1], scales=columns[2], quats=quats, colors=columns[3])
+
+
+def render_scene(gaussians: Gaussians, bg=(1.0, 1.0, 1.0), image_hw=(24, 32)):
+    height, width = image_hw
+    intrinsics = torch.tensor([[[30.0, 30.0, width / 2, height / 2]]])
+    return render(gaussians, torch.eye(4)[None, None], intrinsics, image_hw, bg, 0.01, 100.0, backend="torch")
+
+
+NORMAL = [([0.1, 0.0, 2.0], 0.8, [0.1] * 3, [0.9, 0.2, 0.1]), ([-0.3, 0.1, 3.0], 0.6, [0.2] * 3, [0.1, 0.7, 0.3])]
+EXTREME = [([0.0, 0.0, -2.0], 0.9, [0.1] * 3, [1.0, 0.0, 0.0]),  # behind the camera
+           ([0.0, 0.0, 0.0], 0.9, [0.1] * 3, [1.0, 0.0, 0.0]),  # at the camera's centre
+           ([1e6, -1e6, 2.0], 0.9, [0.1] * 3, [1.0, 0.0, 0.0]),  # far off-screen
+           ([1e30, 0.0, 1e-30], 0.9, [0.1] * 3, [1.0, 0.0, 0.0]),  # projects to about 1e62 px
+           ([0.0, 0.0, 5.0], 0.9, [0.0] * 3, [0.0, 0.0, 1.0]),  # zero scale: a dilated point
+           ([0.0, 0.0, 8.0], 0.9, [1e6] * 3, [0.0, 1.0, 0.0])]  # huge: covers the view
+
+
+def test_renderer_stays_finite_for_gaussians_behind_off_screen_huge_or_zero():
+    normal = render_scene(gaussians_of(NORMAL))
+    gaussians = gaussians_of(NORMAL + EXTREME[:4])
+    out = render_scene(gaussians)
+    # the ones behind, at or far beside the camera are culled: they change no pixel
+    assert torch.equal(out.images, normal.images) and torch.equal(out.alphas, normal.alphas)
+    gaussians = gaussians_of(NORMAL + EXTREME)
+    out = render_scene(gaussians)
+    for name in ("images", "alphas", "depths"):
+        assert torch.isfinite(getattr(out, name)).all(), name
+    assert out.alphas.min() > 0.8  # the huge one covers the whole view
+    (out.images.sum() + out.depths.sum()).backward()
+    for name in ("means", "opacities", "scales", "quats", "colors"):
+        assert torch.isfinite(getattr(gaussians, name).grad).all(), name
+
+
+def test_an_all_transparent_prediction_scores_as_its_background():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 24, 32, generator=generator)
+    opt = get_preset("tiny_eval")
+    for opacity in (0.0, 1e-6):  # exactly transparent, and below gsplat's 1/255 cull
+        rows = [(row[0], opacity, *row[2:]) for row in NORMAL]
+        pred = render_scene(gaussians_of(rows), bg=opt.bg_rgb).images[0].detach()
+        background = torch.tensor(opt.bg_rgb).view(3, 1, 1).expand_as(target)
+        assert torch.equal(pred, background[:1])
+        scores = score_views(opt, pred.expand_as(target), target, None, None)
+        mse = (background - target).square().mean()
+        assert scores["psnr"] == pytest.approx(float(-10 * torch.log10(mse)), abs=1e-4)
+        assert np.isfinite(scores["ssim"]) and abs(scores["ssim"]) < 0.05  # a flat image shares no structure
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines: one line saying what to fix, exit 2, before any data is read
+# ---------------------------------------------------------------------------------------------
+
+ENTRY_POINTS = {"train": train_main, "evaluate": evaluate_main}
+# (arguments after the preset, what the message must say); test_options.py checks parse_options alone
+MISTAKES = [
+    (["tiny_evl"], "unknown preset 'tiny_evl' (did you mean tiny_eval"),
+    (["--lrr", "0.1"], "unknown flag --lrr; did you mean --lr?"),
+    (["--lr", "abc"], "--lr: could not convert string to float: 'abc'"),
+    (["--deferred_bp", "--mean_of_grads", "per-view"], "deferred_bp and mean_of_grads both change backpropagation"),
+]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("args, says", MISTAKES, ids=["preset", "flag", "type", "conflict"])
+def test_command_line_mistakes_exit_2_with_one_line_before_any_data(entry, args, says, tmp_path, capsys):
+    missing_root = tmp_path / "no_data_here"  # were the data read first, this would be the complaint
+    workspace = tmp_path / "ws"
+    preset = [] if args[0] == "tiny_evl" else ["tiny_eval" if entry == "evaluate" else "tiny"]
+    with pytest.raises(SystemExit) as stop:
+        ENTRY_POINTS[entry]([*preset, *args, "--workspace", str(workspace), "--dataset_kwargs", "root_path",
+                             str(missing_root)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and line.startswith("error: ") and says in line, line
+    assert str(missing_root) not in line and not workspace.exists()
+
+
+@pytest.mark.parametrize("module", ["tokengs.train", "tokengs.evaluate"])
+def test_real_command_line_with_a_wrong_type_exits_2_with_one_line(module, tmp_path):
+    done = subprocess.run([sys.executable, "-m", module, "tiny", "--lr", "abc", "--dataset_kwargs", "root_path",
+                           str(tmp_path / "no_data_here")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    (line,) = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and line.startswith("error: ") and "--lr" in line and "no_data_here" not in line
