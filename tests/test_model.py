@@ -319,3 +319,23 @@ def test_tolerant_loading_without_rules_keeps_fresh_tokens():
     report = load_model_checkpoint(model, _tiny("tiny", seed=7, num_gs_tokens=32).state_dict(), strict=False)
     assert torch.equal(model.gs_tokens, fresh)
     assert any(s.startswith("gs_tokens: checkpoint [32, 64]") for s in report.skipped)
+
+
+def test_head_norm_keeps_half_precision_under_autocast_and_equals_layer_norm_otherwise():
+    from tokengs.models.layers import HeadNorm
+
+    torch.manual_seed(0)
+    norm, reference = HeadNorm(16, eps=1e-5), torch.nn.LayerNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1), norm.bias.normal_(0.0, 0.1)
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 4, 8, 16)
+    assert torch.equal(norm(x), reference(x))  # float32: nn.LayerNorm itself
+    half = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(half)
+    assert out.dtype == torch.bfloat16
+    plain = reference(half.detach().float())  # what CUDA autocast's float32 LayerNorm computes
+    assert (out.float() - plain).abs().max() <= 0.05  # bf16 rounding of values of order 1
+    out.float().square().sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32 and half.grad is not None

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tokengs.models.layers import Attention, EncoderBlock, LayerScale, Mlp, layer_norm, merge_heads, split_heads
+from tokengs.models.layers import Attention, EncoderBlock, LayerScale, Mlp, head_norm, layer_norm, merge_heads, split_heads
 from tokengs.options import Options
 
 # LayerScale of the encoder's branches (DESIGN: 0.01 on both).
@@ -55,7 +55,7 @@ class GaussianCrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.gs_token_norm = layer_norm(dim)
-        self.q_norm = layer_norm(dim // num_heads)
+        self.q_norm = head_norm(dim // num_heads)
         self.q_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
@@ -136,10 +136,10 @@ class EncDecBackbone(nn.Module):
             feature_dim = enc_dim
         if not opt.use_latent_bottleneck:
             self.kv_proj = nn.Linear(feature_dim, 2 * dim)
-        self.k_proj_norm = layer_norm(dim // heads)
+        self.k_proj_norm = head_norm(dim // heads)
         if opt.use_latent_bottleneck:
             self.latent_feature_kv_proj = nn.Linear(feature_dim, 2 * dim)
-            self.latent_feature_k_norm = layer_norm(dim // heads)
+            self.latent_feature_k_norm = head_norm(dim // heads)
             self.latent_blocks = nn.ModuleList(
                 DecoderBlock(dim, heads, opt.mlp_ratio, dec_init) for _ in range(opt.latent_cross_attn_depth))
             self.latent_kv_proj = nn.Linear(dim, 2 * dim)

@@ -21,6 +21,28 @@ def layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=LN_EPS)
 
 
+class HeadNorm(nn.LayerNorm):
+    """The LayerNorm over each attention head's queries or keys, kept in the activations' half
+    precision under autocast.
+
+    Autocast runs LayerNorm in float32, so every per-head norm would turn the bf16 queries and
+    keys of the linear before it into float32 and attention would convert them back: two copies
+    of q and k per attention. Here a bf16/fp16 input is normalized in its own dtype (the kernel
+    accumulates its statistics in float32) and goes to attention as it is. Float32 inputs (no
+    autocast, the parity fixtures) take nn.LayerNorm's path unchanged. Same parameters and names.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
+
+def head_norm(head_dim: int) -> HeadNorm:
+    return HeadNorm(head_dim, eps=LN_EPS)
+
+
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """[B, L, H*d] -> [B, H, L, d]."""
     B, L, _ = x.shape
@@ -43,8 +65,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = layer_norm(head_dim)
-        self.k_norm = layer_norm(head_dim)
+        self.q_norm = head_norm(head_dim)
+        self.k_norm = head_norm(head_dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
