@@ -230,9 +230,15 @@ def main(argv=None) -> int:
     warmup, repeats = (1, 2) if args.smoke else (args.warmup, args.repeats)
     results = []
     for name in args.cases:
-        results.append(run_case(name, args.smoke, device, warmup, repeats, args.profile))
-        print(results[-1].pop("profile", ""), flush=True)
-        print(json.dumps(results[-1]), flush=True)
+        try:
+            result = run_case(name, args.smoke, device, warmup, repeats, args.profile)
+        except torch.OutOfMemoryError as exc:  # one case too big for this GPU must not hide the others
+            print(f"{name}: out of memory ({exc})".splitlines()[0], file=sys.stderr, flush=True)
+            torch.cuda.empty_cache()
+            continue
+        print(result.pop("profile", ""), flush=True)
+        print(json.dumps(result), flush=True)
+        results.append(result)
     print(table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
