@@ -311,7 +311,8 @@ _DEMO = dict(_TINY, img_size=(48, 80), enc_embed_dim=128, token_dim=128, enc_dep
              clip_head_readout_std=0.05, ttt_n_steps=20, ttt_lr=3e-3)
 _DEMO_GPU = dict(_DEMO, img_size=(96, 160), enc_embed_dim=256, token_dim=256, enc_num_heads=8, enc_depth=6,
                  dec_depth=4, num_gs_tokens=1024, batch_size=16, num_workers=4, mixed_precision="bf16",
-                 num_epochs=200, max_iters_per_epoch=2, pct_start_steps=100, save_every_steps=500)
+                 num_epochs=16, max_iters_per_epoch=25, pct_start_steps=100, save_every_steps=500,
+                 data_mode=(("dl3dv_scaled_0.25", 10),))  # 10 repeats: 25-step epochs, 16 validations
 _RE10K = dict(img_size=(256, 256), num_input_views=2, num_views=6, data_mode=(("re10k", 1),),
               camera_scale_method="distance")
 
