@@ -568,3 +568,20 @@ def test_evaluation_json_null_entries_are_skipped(synthetic, tmp_path):
     opt = tiny("dl3dv_eval", root, dataset_kwargs={"root_path": str(root), "evaluation_json": str(path)})
     dataset = build_dataset(opt, "eval")
     assert len(rest) == 2 and [dataset[i]["scene_name"] for i in range(len(dataset))] == rest
+
+
+def test_orbit_path_circles_the_mean_camera_in_its_image_plane():
+    from tokengs.cameras import mean_camera, orbit_path
+
+    c2ws = torch.eye(4, dtype=torch.float64).repeat(3, 1, 1)
+    c2ws[1, 0, 3], c2ws[2, 1, 3] = 1.0, 1.0  # cameras at (0,0,0), (1,0,0), (0,1,0), all looking down +z
+    path = orbit_path(c2ws, 12, radius=0.5)
+    center = mean_camera(c2ws)
+    offsets = path[:, :3, 3] - center[:3, 3]
+    assert torch.allclose(offsets.norm(dim=-1), torch.full((12,), 0.5, dtype=torch.float64))
+    assert torch.allclose(offsets @ center[:3, 2], torch.zeros(12, dtype=torch.float64), atol=1e-12)  # in-plane
+    assert torch.allclose(path[:, :3, :3], center[:3, :3].expand(12, 3, 3))  # orientation kept
+    assert torch.allclose(offsets.mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-12)  # a full circle
+    default = orbit_path(c2ws, 4)  # half the largest distance of a camera from the mean
+    spread = (c2ws[:, :3, 3] - center[:3, 3]).norm(dim=-1).max()
+    assert torch.allclose((default[:, :3, 3] - center[:3, 3]).norm(dim=-1), (spread / 2).expand(4))
