@@ -334,3 +334,45 @@ def orbit_path(c2ws: Tensor, num_frames: int, radius: Optional[float] = None) ->
     path = center.expand(num_frames, 4, 4).clone()
     path[:, :3, 3] = center[:3, 3] + offsets
     return path
+
+
+def _slerp(q0: Tensor, q1: Tensor, t: Tensor) -> Tensor:
+    """Spherical interpolation of unit quaternions q0, q1 [..., 4] at t [...] along the shorter arc."""
+    dot = (q0 * q1).sum(-1, keepdim=True)
+    q1 = torch.where(dot < 0, -q1, q1)
+    dot = dot.abs().clamp(max=1.0)
+    angle = torch.acos(dot)
+    t = t[..., None]
+    sin = torch.sin(angle)
+    # nearly equal rotations: linear interpolation (then normalized) is exact to first order
+    w0 = torch.where(sin > 1e-6, torch.sin((1 - t) * angle) / sin.clamp_min(1e-12), 1 - t)
+    w1 = torch.where(sin > 1e-6, torch.sin(t * angle) / sin.clamp_min(1e-12), t)
+    q = w0 * q0 + w1 * q1
+    return q / q.norm(dim=-1, keepdim=True)
+
+
+def path_through_cameras(c2ws: Tensor, num_frames: int) -> Tensor:
+    """A smooth path through the cameras c2ws [V, 4, 4], in their order -> [num_frames, 4, 4].
+
+    Positions follow a Catmull-Rom spline through the camera centers and orientations a slerp
+    between neighbours, so the path passes exactly through every camera (the first and last
+    frames are the first and last cameras). One camera gives num_frames copies of it.
+    """
+    count = c2ws.shape[0]
+    if count == 1:
+        return c2ws.expand(num_frames, 4, 4).clone()
+    s = torch.linspace(0, count - 1, num_frames, dtype=c2ws.dtype)
+    segment = s.floor().long().clamp(max=count - 2)
+    t = s - segment
+    centers = c2ws[:, :3, 3]
+    # end tangents mirror the neighbouring point so the spline needs no extra cameras
+    padded = torch.cat([2 * centers[:1] - centers[1:2], centers, 2 * centers[-1:] - centers[-2:-1]])
+    p0, p1, p2, p3 = (padded[segment + k] for k in range(4))
+    t1 = t[:, None]
+    positions = 0.5 * (2 * p1 + (p2 - p0) * t1 + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t1**2
+                       + (3 * p1 - p0 - 3 * p2 + p3) * t1**3)
+    quats = matrix_to_quaternion(c2ws[:, :3, :3])
+    path = torch.eye(4, dtype=c2ws.dtype).repeat(num_frames, 1, 1)
+    path[:, :3, :3] = quaternion_to_matrix(_slerp(quats[segment], quats[segment + 1], t))
+    path[:, :3, 3] = positions
+    return path

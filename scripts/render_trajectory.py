@@ -1,0 +1,90 @@
+"""Render a smooth camera path through the context cameras of reconstructed scenes, and their PLY.
+
+    python scripts/render_trajectory.py --ckpt C (--preset P | --workspace W) --out_dir O \
+        [--root DATASET_ROOT] [--evaluation_json J] [--scene_idx I] [--n_scenes K] [--frames 120] [--fps 24]
+
+Any checkpoint and any dataset of the registry: the options come from a preset or from a
+training workspace's config.yaml; --root / --evaluation_json override the dataset's. Scenes are
+the evaluation views of the options' first dataset (the JSON's choice where there is one).
+Per scene: O/trajectory_<scene>.mp4 and O/gaussians_<scene>.ply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from tokengs.cameras import path_through_cameras  # noqa: E402
+from tokengs.data import build_dataset  # noqa: E402
+from tokengs.gaussians import Gaussians, save_ply  # noqa: E402
+from tokengs.media import save_video  # noqa: E402
+from tokengs.models import TokenGS, load_model_checkpoint  # noqa: E402
+from tokengs.options import Options, get_preset  # noqa: E402
+from tokengs.rendering import render  # noqa: E402
+
+
+def options(args: argparse.Namespace) -> Options:
+    opt = Options.load_yaml(Path(args.workspace) / "config.yaml") if args.workspace else get_preset(args.preset)
+    kwargs = dict(opt.dataset_kwargs or {})
+    if args.root:
+        kwargs["root_path"] = args.root
+    if args.evaluation_json:
+        kwargs["evaluation_json"] = args.evaluation_json
+    return opt.evolve(evaluating=True, use_input_supervision=False, batch_size=1, dataset_kwargs=kwargs)
+
+
+@torch.no_grad()
+def render_scene(model: TokenGS, opt: Options, sample: dict, frames: int, device: torch.device) -> tuple[Tensor, Gaussians]:
+    """One sample -> the path's frames [F, 3, H, W] in [0, 1] and the scene's Gaussians [N, ...]."""
+    batch = {k: v.unsqueeze(0).to(device) for k, v in sample.items() if torch.is_tensor(v)}
+    gaussians = Gaussians.unpack(model.forward_gaussians(batch).float())
+    path = path_through_cameras(batch["cam_to_world_input"][0].double().cpu(), frames).float().to(device)
+    intrinsics = batch["intrinsics_input"][0, :1].expand(frames, 4)
+    images = render(gaussians, torch.linalg.inv(path)[None], intrinsics[None], opt.img_size, opt.bg_rgb, opt.znear,
+                    opt.zfar, backend=opt.render_backend, view_chunk_size=8).images[0]
+    return images.clamp(0, 1).cpu(), gaussians.scene(0)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="model weights (.safetensors, .pt, .pth)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a preset name (python -m tokengs.train --help lists them)")
+    source.add_argument("--workspace", help="a training workspace: its config.yaml gives the options")
+    parser.add_argument("--out_dir", required=True, type=Path)
+    parser.add_argument("--root", help="dataset root (overrides the options' root_path)")
+    parser.add_argument("--evaluation_json", help="evaluation JSON (overrides the options')")
+    parser.add_argument("--scene_idx", type=int, default=0)
+    parser.add_argument("--n_scenes", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--fps", type=int, default=24)
+    args = parser.parse_args(argv)
+
+    opt = options(args)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = TokenGS(opt)
+    load_model_checkpoint(model, args.ckpt, opt, strict=opt.strict_checkpoint_loading)
+    model.to(device).eval()
+    dataset = build_dataset(opt, "eval")
+    last = min(args.scene_idx + args.n_scenes, len(dataset))
+    if args.scene_idx >= last:
+        parser.error(f"--scene_idx {args.scene_idx} is past the {len(dataset)} scenes of the dataset")
+    for index in range(args.scene_idx, last):
+        sample = dataset[index]
+        frames, gaussians = render_scene(model, opt, sample, args.frames, device)
+        name = sample["scene_name"]
+        video = save_video(args.out_dir / f"trajectory_{name}.mp4", frames, fps=args.fps)
+        ply = args.out_dir / f"gaussians_{name}.ply"
+        save_ply(gaussians, ply)
+        print(f"scene {index} ({name}): {video}, {ply}")
+
+
+if __name__ == "__main__":
+    main()

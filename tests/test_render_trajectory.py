@@ -1,0 +1,52 @@
+"""scripts/render_trajectory.py and the camera path it follows."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tokengs.cameras import path_through_cameras, quaternion_to_matrix
+from tokengs.data.synthetic import generate
+from tokengs.gaussians import load_ply
+from tokengs.media import read_video
+from tokengs.models import TokenGS, save_model
+from tokengs.options import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_path_passes_through_every_camera_in_order():
+    cameras = torch.eye(4, dtype=torch.float64).repeat(3, 1, 1)
+    for i, angle in enumerate([0.0, 0.3, 0.8]):
+        half = angle / 2
+        cameras[i, :3, :3] = quaternion_to_matrix(torch.tensor([math.cos(half), 0, math.sin(half), 0], dtype=torch.float64))
+        cameras[i, :3, 3] = torch.tensor([i, 0.0, 0.1 * i * i], dtype=torch.float64)
+    path = path_through_cameras(cameras, 9)  # frames 0, 4, 8 fall on the cameras
+    assert torch.allclose(path[[0, 4, 8]], cameras, atol=1e-12)
+    rotations = path[:, :3, :3]
+    assert torch.allclose(rotations @ rotations.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(9, 3, 3),
+                          atol=1e-12)  # proper rotations in between
+    steps = (path[1:, :3, 3] - path[:-1, :3, 3]).norm(dim=-1)
+    assert steps.max() < 2.5 * steps.min()  # no jumps along the way
+
+
+def test_script_writes_a_video_and_a_ply_per_scene(tmp_path):
+    root = tmp_path / "data"
+    generate("dl3dv_eval", root, 2, frames=6, height=32, width=48)
+    opt = get_preset("tiny_eval")
+    checkpoint = tmp_path / "model.safetensors"
+    torch.manual_seed(0)
+    save_model(TokenGS(opt), checkpoint)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_trajectory.py"), "--ckpt", str(checkpoint),
+                           "--preset", "tiny_eval", "--root", str(root), "--out_dir", str(out), "--n_scenes", "2",
+                           "--frames", "10", "--fps", "5"], capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    videos, plys = sorted(out.glob("trajectory_*.mp4")), sorted(out.glob("gaussians_*.ply"))
+    assert len(videos) == len(plys) == 2
+    for video, ply in zip(videos, plys):
+        assert read_video(video).shape[:3] == (10, 32, 48)
+        assert 0 < load_ply(ply).num_gaussians <= opt.num_gaussians
