@@ -299,12 +299,13 @@ class Trainer:
         with acc.accumulate(self.model):
             with acc.autocast():
                 packed = self.model(batch)
-            result = self.loss.backward(packed.float(), batch, dyn_aux_weight=dyn_aux_weight(opt, self.global_step),
+            aux_weight = dyn_aux_weight(opt, self.global_step)
+            result = self.loss.backward(packed.float(), batch, dyn_aux_weight=aux_weight,
                                         num_static=opt.num_gs_tokens * opt.dec_patch_size**2,
                                         backward=acc.backward)
             # every micro-batch of the optimizer step counts: a NaN in an early one must skip the update too
             self.window_losses.append(result.loss.detach())
-            stats = {"loss": result.loss.detach(), "psnr": result.psnr.detach().mean()}
+            stats = {"loss": result.loss.detach(), "psnr": result.psnr.detach().mean(), "dyn_aux_weight": aux_weight}
             if acc.sync_gradients:
                 losses, self.window_losses = torch.stack(self.window_losses), []
                 stats["loss"] = losses.mean()
@@ -465,7 +466,7 @@ class Trainer:
         scalars = {"train/loss": loss, "train/psnr": psnr, "train/lr": lr, "train/its": steps_per_second,
                    "train/mem_gib": mem, "train/grad_norm": float(stats.get("grad_norm", float("nan"))),
                    "train/skipped_steps": self.nonfinite_total,
-                   "train/dyn_aux_weight": dyn_aux_weight(opt, self.global_step)}
+                   "train/dyn_aux_weight": stats["dyn_aux_weight"]}  # the weight this step used
         for key, value in scalars.items():
             self.tb.add_scalar(key, value, self.global_step)
         if self.global_step % opt.log_image_freq == 0 or self.global_step == 1:
