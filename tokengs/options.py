@@ -306,7 +306,7 @@ _TINY_LATENT = dict(_TINY, enc_depth=4, dec_depth=1, use_multiscale_encoder=True
 # A wider head readout (0.05, the release uses 0.002) spreads the first Gaussians over the
 # view instead of one central blob: measured 16.1 vs 11.3 dB training PSNR after 40 steps.
 _DEMO = dict(_TINY, img_size=(48, 80), enc_embed_dim=128, token_dim=128, enc_depth=4, dec_depth=2, num_gs_tokens=256,
-             batch_size=8, num_workers=1, bg_color="black", lr=1e-3, pct_start_steps=15, num_epochs=20,
+             batch_size=8, num_workers=1, bg_color="black", lr=1e-3, pct_start_steps=15, num_epochs=16,
              max_iters_per_epoch=5, save_every_steps=50, data_mode=(("dl3dv_scaled_0.25", 1),),
              clip_head_readout_std=0.05, ttt_n_steps=20, ttt_lr=3e-3)
 _DEMO_GPU = dict(_DEMO, img_size=(96, 160), enc_embed_dim=256, token_dim=256, enc_num_heads=8, enc_depth=6,
@@ -370,7 +370,7 @@ _PRESETS.update({
                              data_mode=(("kubric", 1),), dataset_kwargs={"root_path": "data/synthetic/kubric"},
                              camera_scale_method="pointmap", lambda_dyn_aux=0.3, lambda_dyn_aux_warmup_steps=2,
                              lambda_dyn_aux_decay_steps=4)),
-    "demo": ("The demo's model on synthetic DL3DV-layout rooms: 100 steps, about six minutes on a 2-core CPU.",
+    "demo": ("The demo's model on synthetic DL3DV-layout rooms: 80 steps, about five minutes on a 2-core CPU.",
              _DEMO),
     "demo_gpu": ("The demo's larger model for a GPU: 96x160 images, 1024 tokens, 400 steps.", _DEMO_GPU),
 })
