@@ -26,7 +26,7 @@ from tokengs.gaussians import Gaussians, save_ply  # noqa: E402
 from tokengs.media import save_video  # noqa: E402
 from tokengs.models import TokenGS, load_model_checkpoint  # noqa: E402
 from tokengs.options import Options, get_preset  # noqa: E402
-from tokengs.rendering import render  # noqa: E402
+from tokengs.rendering import render_path  # noqa: E402
 
 
 def options(args: argparse.Namespace) -> Options:
@@ -45,10 +45,7 @@ def render_scene(model: TokenGS, opt: Options, sample: dict, frames: int, device
     batch = {k: v.unsqueeze(0).to(device) for k, v in sample.items() if torch.is_tensor(v)}
     gaussians = Gaussians.unpack(model.forward_gaussians(batch).float())
     path = path_through_cameras(batch["cam_to_world_input"][0].double().cpu(), frames).float().to(device)
-    intrinsics = batch["intrinsics_input"][0, :1].expand(frames, 4)
-    images = render(gaussians, torch.linalg.inv(path)[None], intrinsics[None], opt.img_size, opt.bg_rgb, opt.znear,
-                    opt.zfar, backend=opt.render_backend, view_chunk_size=8).images[0]
-    return images.clamp(0, 1).cpu(), gaussians.scene(0)
+    return render_path(opt, gaussians, path, batch["intrinsics_input"][0, 0]).cpu(), gaussians.scene(0)
 
 
 def main(argv=None) -> None:

@@ -100,7 +100,7 @@ def orbit_and_ply(opt: Options, checkpoint: Path, out: Path, scene_index: int = 
     from tokengs.gaussians import Gaussians, save_ply
     from tokengs.media import save_video
     from tokengs.models import TokenGS, load_model_checkpoint
-    from tokengs.rendering import render
+    from tokengs.rendering import render_path
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = TokenGS(opt)
@@ -110,10 +110,8 @@ def orbit_and_ply(opt: Options, checkpoint: Path, out: Path, scene_index: int = 
     batch = {k: v.unsqueeze(0).to(device) for k, v in sample.items() if torch.is_tensor(v)}
     gaussians = Gaussians.unpack(model.forward_gaussians(batch).float())
     path = orbit_path(batch["cam_to_world_input"][0].double().cpu(), ORBIT_FRAMES).float().to(device)
-    intrinsics = batch["intrinsics_input"][0, :1].expand(ORBIT_FRAMES, 4)
-    frames = render(gaussians, torch.linalg.inv(path)[None], intrinsics[None], opt.img_size, opt.bg_rgb, opt.znear,
-                    opt.zfar, backend=opt.render_backend, view_chunk_size=8).images[0]
-    video = save_video(out / "orbit.mp4", frames.clamp(0, 1).cpu(), fps=24)
+    frames = render_path(opt, gaussians, path, batch["intrinsics_input"][0, 0])
+    video = save_video(out / "orbit.mp4", frames.cpu(), fps=24)
     ply = out / "scene.ply"
     save_ply(gaussians.scene(0), ply)
     return video, ply

@@ -12,7 +12,7 @@ from .common import BgColor, RenderOutput, background_tensor, intrinsics_matrice
 from .gsplat_backend import render_gsplat
 from .torch_backend import render_torch
 
-__all__ = ["render", "render_chunked", "resolve_backend", "RenderOutput", "intrinsics_matrices", "w2c_from_cam_view"]
+__all__ = ["render", "render_chunked", "render_path", "resolve_backend", "RenderOutput", "intrinsics_matrices", "w2c_from_cam_view"]
 
 _BACKENDS = {"gsplat": render_gsplat, "torch": render_torch}
 
@@ -63,3 +63,10 @@ def render_chunked(opt, gaussians: Union[Gaussians, Tensor], batch: Mapping[str,
     w2c = batch["w2c"] if "w2c" in batch else w2c_from_cam_view(batch["cam_view"])
     return render(gaussians, w2c, batch["intrinsics"], opt.img_size, opt.bg_rgb, opt.znear, opt.zfar,
                   backend=opt.render_backend, view_chunk_size=chunk_size)
+
+
+def render_path(opt, gaussians: Gaussians, c2ws: Tensor, intrinsics: Tensor, chunk_size: int = 8) -> Tensor:
+    """Frames of ONE scene's Gaussians [1, N] seen along a camera path c2ws [F, 4, 4] (OpenCV
+    camera-to-world) with the same intrinsics [4] throughout -> images [F, 3, H, W] in [0, 1]."""
+    cameras = {"w2c": torch.linalg.inv(c2ws)[None], "intrinsics": intrinsics.expand(len(c2ws), 4)[None]}
+    return render_chunked(opt, gaussians, cameras, chunk_size=chunk_size).images[0].clamp(0, 1)
