@@ -1,8 +1,10 @@
-"""Shared test helpers: where the release's reference fixtures live."""
+"""Shared test helpers: where the release's reference fixtures live, and running on one thread."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # the first shared/ that holds the fixtures (beside the checkout, or inside it on the GPU machine)
@@ -16,3 +18,18 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.skip(f"reference fixtures not found at {REFERENCE} (they ship beside the checkout as shared/)")
     return REFERENCE
+
+
+# The tiny models of the tests run fastest on one intra-op thread; beside another busy process on
+# a 2-core machine, two OpenMP threads wait on each other at every op and make the pure-PyTorch
+# rasterizer up to ~100x slower. ONE_THREAD_ENV is the same for subprocesses.
+ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a whole test module (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

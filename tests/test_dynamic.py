@@ -10,6 +10,9 @@ from tokengs.models import TokenGS
 from tokengs.options import get_preset
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def kubric_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("kubric")
@@ -20,14 +23,9 @@ def kubric_root(tmp_path_factory):
 def test_training_follows_the_auxiliary_weight_schedule(kubric_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        opt = get_preset("tiny_kubric_dyn").evolve(workspace=str(tmp_path / "ws"), batch_size=1, num_epochs=3,
-                                                   max_iters_per_epoch=3, dataset_kwargs={"root_path": str(kubric_root)})
-        assert train.run(opt)
-    finally:
-        torch.set_num_threads(threads)
+    opt = get_preset("tiny_kubric_dyn").evolve(workspace=str(tmp_path / "ws"), batch_size=1, num_epochs=3,
+                                               max_iters_per_epoch=3, dataset_kwargs={"root_path": str(kubric_root)})
+    assert train.run(opt)
     events = EventAccumulator(str(tmp_path / "ws" / "tensorboard"))
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("train/dyn_aux_weight")}

@@ -6,7 +6,6 @@ test-time tuning and chunked rendering are also checked in-process.
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -30,22 +29,16 @@ from tokengs.models import TokenGS, load_model_checkpoint
 from tokengs.models import ttt  # not its function by name: pytest would collect test_time_tune
 from tokengs.options import get_preset
 from tokengs.rendering import render_chunked
+from conftest import ONE_THREAD_ENV
 
 SCENES = 3  # odd, so that 2 processes get 2 and 1
 FRAMES = 8  # per evaluation scene: 2 context views (frames 0 and 7) and all 8 frames as targets
 CONTEXT, TARGETS = 2, FRAMES
 HEIGHT, WIDTH = get_preset("tiny_eval").img_size
-# The tiny tensors here run fastest on one thread; two OpenMP threads on a busy 2-core machine
-# wait on each other at every op and make the pure-PyTorch rasterizer ~100x slower.
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+ENV = ONE_THREAD_ENV
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(module: str, *args, check: bool = True) -> subprocess.CompletedProcess:

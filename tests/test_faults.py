@@ -43,18 +43,14 @@ from tokengs.options import get_preset
 from tokengs.rendering import render
 from tokengs.train import NonFiniteError, Trainer
 from tokengs.train import main as train_main
+from conftest import ONE_THREAD_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 HW = (32, 48)  # the tiny presets' image size: no resize, fast decoding
 FRAMES = 12  # DL3DV's smallest context gap is 10 frames: 11 is the fewest a scene may have
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**changes):
@@ -541,6 +537,6 @@ def test_command_line_mistakes_exit_2_with_one_line_before_any_data(entry, args,
 def test_real_command_line_with_a_wrong_type_exits_2_with_one_line(module, tmp_path):
     done = subprocess.run([sys.executable, "-m", module, "tiny", "--lr", "abc", "--dataset_kwargs", "root_path",
                            str(tmp_path / "no_data_here")], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=ONE_THREAD_ENV)
     (line,) = done.stderr.strip().splitlines()
     assert done.returncode == 2 and line.startswith("error: ") and "--lr" in line and "no_data_here" not in line

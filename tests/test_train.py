@@ -28,6 +28,7 @@ from tokengs.models.checkpoint import load_model_checkpoint, save_model
 from tokengs.options import Options, get_preset
 from tokengs.train import (NonFiniteError, Trainer, build_optimizer, build_scheduler, dyn_aux_weight, main,
                            param_groups, run)
+from conftest import ONE_THREAD_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = 6  # with batch_size 1 the last scene is held out for validation: 5 training scenes
@@ -35,17 +36,10 @@ SCENES = 6  # with batch_size 1 the last scene is held out for validation: 5 tra
 RUN_FLAGS = ["--batch_size", "1", "--max_iters_per_epoch", "5", "--num_epochs", "3", "--save_every_steps", "3"]
 TOTAL_STEPS = 15
 RUN_TIMEOUT = 300
-# One intra-op thread everywhere: these models are too small to gain from more, and beside another
-# busy process on a 2-core machine, OpenMP's barriers make a 2-thread run ten times slower.
-RUN_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+RUN_ENV = ONE_THREAD_ENV
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
