@@ -21,22 +21,12 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tokengs.cameras import path_through_cameras  # noqa: E402
-from tokengs.data import build_dataset  # noqa: E402
 from tokengs.gaussians import Gaussians, save_ply  # noqa: E402
 from tokengs.media import save_video  # noqa: E402
-from tokengs.models import TokenGS, load_model_checkpoint  # noqa: E402
-from tokengs.options import Options, get_preset  # noqa: E402
+from tokengs.models import TokenGS  # noqa: E402
+from tokengs.options import Options  # noqa: E402
+from tokengs.render_setup import load_for_rendering, rendering_options, scene_range  # noqa: E402
 from tokengs.rendering import render_path  # noqa: E402
-
-
-def options(args: argparse.Namespace) -> Options:
-    opt = Options.load_yaml(Path(args.workspace) / "config.yaml") if args.workspace else get_preset(args.preset)
-    kwargs = dict(opt.dataset_kwargs or {})
-    if args.root:
-        kwargs["root_path"] = args.root
-    if args.evaluation_json:
-        kwargs["evaluation_json"] = args.evaluation_json
-    return opt.evolve(evaluating=True, use_input_supervision=False, batch_size=1, dataset_kwargs=kwargs)
 
 
 @torch.no_grad()
@@ -63,17 +53,12 @@ def main(argv=None) -> None:
     parser.add_argument("--fps", type=int, default=24)
     args = parser.parse_args(argv)
 
-    opt = options(args)
+    problems: list[str] = []
+    opt = rendering_options(args.preset, args.workspace,
+                            {"root_path": args.root, "evaluation_json": args.evaluation_json}, problems)
+    model, dataset, device = load_for_rendering(opt, Path(args.ckpt), problems, "rendering")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = TokenGS(opt)
-    load_model_checkpoint(model, args.ckpt, opt, strict=opt.strict_checkpoint_loading)
-    model.to(device).eval()
-    dataset = build_dataset(opt, "eval")
-    last = min(args.scene_idx + args.n_scenes, len(dataset))
-    if args.scene_idx >= last:
-        parser.error(f"--scene_idx {args.scene_idx} is past the {len(dataset)} scenes of the dataset")
-    for index in range(args.scene_idx, last):
+    for index in scene_range(dataset, args.scene_idx, args.n_scenes):
         sample = dataset[index]
         frames, gaussians = render_scene(model, opt, sample, args.frames, device)
         name = sample["scene_name"]

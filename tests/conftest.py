@@ -1,6 +1,8 @@
 """Shared test helpers: where the release's reference fixtures live, and running on one thread."""
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    """A free TCP port for a multi-process launch, so that concurrent runs on one machine do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_launch(port: int) -> list:
+    """`accelerate launch` of 2 processes on the CPU. Its --cpu launcher starts ONE process (more
+    need mpirun); --multi_gpu starts them with torchrun, and the Accelerator, finding no GPU, joins
+    them over gloo."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port)]

@@ -1,13 +1,25 @@
-"""Several processes without several GPUs: the sampler's sharding and the SLURM launch command."""
+"""Several processes without several GPUs: the sampler's sharding; 2-process training on gloo
+against 1 process with the same global batch (same weights, same logged losses, one writer, a
+preempted run resumes); the SLURM launch command."""
 
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from tokengs import workspace as ws
+from tokengs.data.synthetic import generate
+from tokengs.models import TokenGS
+from tokengs.options import get_preset
 from tokengs.train import EpochSampler
+from conftest import ONE_THREAD_ENV, free_port, two_process_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +73,96 @@ def test_slurm_launch_outside_slurm_says_so():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "slurm_launch.py"), "--dry_run", "--", "tiny"],
                           capture_output=True, text=True, env={"PATH": "/nonexistent"})
     assert done.returncode != 0 and "SLURM_NNODES is not set" in done.stderr
+
+
+# ---- 2-process training on the CPU ---------------------------------------------------------------
+
+SCENES = 7  # batch 1 holds the last one out for validation: 6 training scenes, 3 per process
+EPOCHS, STEPS_PER_EPOCH = 3, 3
+TRAIN_FLAGS = ["--batch_size", "1", "--num_epochs", str(EPOCHS), "--max_iters_per_epoch", "6",
+               "--print_freq", "1", "--save_every_steps", "2"]
+AUDIT = ROOT / "tests" / "write_audit"
+TIMEOUT = 600
+
+
+def train_args(data_root: Path, workspace: Path) -> list:
+    return ["-m", "tokengs.train", "tiny", "--workspace", str(workspace), "--dataset_kwargs", "root_path",
+            str(data_root), *TRAIN_FLAGS]
+
+
+def audited_env(watch: Path, records: Path) -> dict:
+    return dict(ONE_THREAD_ENV, PYTHONPATH=os.pathsep.join([str(AUDIT), str(ROOT), ONE_THREAD_ENV.get("PYTHONPATH", "")]),
+                TOKENGS_AUDIT_WATCH=str(watch), TOKENGS_AUDIT_OUT=str(records))
+
+
+def logged(workspace: Path, tag: str) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workspace / "tensorboard")).Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory):
+    """One process accumulating 2 batches per step, and 2 processes of 1 batch each: the same
+    scenes make each optimizer step (sample i of the epoch's order goes to rank i % 2)."""
+    base = tmp_path_factory.mktemp("distributed")
+    data_root = base / "dl3dv"
+    generate("dl3dv", data_root, SCENES, seed=1)
+    one, two = base / "one", base / "two"
+    done = subprocess.run([sys.executable, *train_args(data_root, one), "--gradient_accumulation_steps", "2"],
+                          cwd=ROOT, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    done = subprocess.run([*two_process_launch(free_port()), *train_args(data_root, two)], cwd=ROOT,
+                          env=audited_env(two, base / "audit"), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return data_root, one, two, base / "audit"
+
+
+def test_two_processes_train_as_one_process_with_the_same_global_batch(distributed_runs):
+    _, one, two, _ = distributed_runs
+    total = EPOCHS * STEPS_PER_EPOCH
+    assert ws.read_metadata(one)["step"] == ws.read_metadata(two)["step"] == total
+    first, second = load_file(one / ws.MODEL_FILE), load_file(two / ws.MODEL_FILE)
+    torch.manual_seed(get_preset("tiny").seed)
+    initial = TokenGS(get_preset("tiny")).state_dict()
+    moved = max((first[k] - initial[k]).abs().max().item() for k in first)
+    worst = max((first[k] - second[k]).abs().max().item() for k in first)
+    # float32 sums in another order (gloo's all-reduce vs accumulation) differ by rounding only
+    assert worst < 1e-4 * moved, f"weights differ by {worst} while training moved them by {moved}"
+    losses_one, losses_two = logged(one, "train/loss"), logged(two, "train/loss")
+    assert sorted(losses_one) == sorted(losses_two) == list(range(1, total + 1))
+    for step in losses_one:  # the logged loss is the global batch's mean, not rank 0's half
+        assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-4)
+
+
+def test_only_the_main_process_writes_to_the_workspace(distributed_runs):
+    _, _, two, records = distributed_runs
+    assert not (records / "rank1.txt").exists(), (records / "rank1.txt").read_text()
+    written = (records / "rank0.txt").read_text()
+    for name in (ws.MODEL_FILE, ws.OPTIMIZER_FILE, ws.METADATA_FILE, "events.out.tfevents", ws.CONFIG_FILE):
+        assert name in written, f"rank 0 never wrote {name}"
+
+
+def test_preempted_two_process_run_resumes_at_its_step_to_the_same_weights(distributed_runs, tmp_path):
+    data_root, _, two, _ = distributed_runs
+    workspace = tmp_path / "preempted"
+    command = [*two_process_launch(free_port()), *train_args(data_root, workspace)]
+    with open(tmp_path / "log", "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD_ENV, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while ws.read_metadata(workspace) is None:
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)  # as SLURM preempts: every process of the job gets it
+    process.wait(timeout=TIMEOUT)
+    stopped = ws.read_metadata(workspace)["step"]
+    assert 2 <= stopped < EPOCHS * STEPS_PER_EPOCH, (tmp_path / "log").read_text()[-3000:]
+    done = subprocess.run(command, cwd=ROOT, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"resuming {workspace} at step {stopped} " in done.stderr
+    assert ws.read_metadata(workspace)["step"] == EPOCHS * STEPS_PER_EPOCH
+    ours, reference = load_file(workspace / ws.MODEL_FILE), load_file(two / ws.MODEL_FILE)
+    worst = max((ours[k] - reference[k]).abs().max().item() for k in reference)
+    assert worst <= 1e-6, f"the resumed run's weights differ from the uninterrupted run's by up to {worst}"

@@ -6,7 +6,6 @@ test-time tuning and chunked rendering are also checked in-process.
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from tokengs.models import TokenGS, load_model_checkpoint
 from tokengs.models import ttt  # not its function by name: pytest would collect test_time_tune
 from tokengs.options import get_preset
 from tokengs.rendering import render_chunked
-from conftest import ONE_THREAD_ENV
+from conftest import ONE_THREAD_ENV, free_port, two_process_launch
 
 SCENES = 3  # odd, so that 2 processes get 2 and 1
 FRAMES = 8  # per evaluation scene: 2 context views (frames 0 and 7) and all 8 frames as targets
@@ -120,15 +119,11 @@ def test_lpips_left_out_is_reported_as_not_computed(single):
 
 def test_two_processes_score_each_scene_once_as_one_process(data, single):
     workspace = data.base / "eval_two"
-    with socket.socket() as s:  # a free port, so concurrent runs on this machine do not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # accelerate's --cpu launcher starts ONE process (more need mpirun); --multi_gpu starts them with
-    # torchrun, and the Accelerator, finding no GPU, joins them over gloo on the CPU.
-    run("accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, "-m", "tokengs.evaluate",
-        *evaluate_args(data, workspace, "--use_ttt_for_eval", "--eval_n_media_dumps", 1,
-                       "--eval_render_chunk_size", 3))
+    done = subprocess.run([*two_process_launch(free_port()), "-m", "tokengs.evaluate",
+                           *map(str, evaluate_args(data, workspace, "--use_ttt_for_eval", "--eval_n_media_dumps", 1,
+                                                   "--eval_render_chunk_size", 3))],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
     # each process dumped its first scene: the runs really were two
     assert (workspace / "images" / "pred_0-0-0.png").is_file() and (workspace / "images" / "pred_0-1-0.png").is_file()
     one, two = report(single)["scenes"], report(workspace)["scenes"]

@@ -376,3 +376,15 @@ def path_through_cameras(c2ws: Tensor, num_frames: int) -> Tensor:
     path[:, :3, :3] = quaternion_to_matrix(_slerp(quats[segment], quats[segment + 1], t))
     path[:, :3, 3] = positions
     return path
+
+
+def project_points(points: Tensor, w2c: Tensor, intrinsics: Tensor) -> Tuple[Tensor, Tensor]:
+    """World points [..., 3] seen by one camera (w2c [4, 4] OpenCV, intrinsics [4] fx fy cx cy in
+    pixels) -> pixel coordinates [..., 2] (x right, y down; pixel centers at +0.5) and depths [...]
+    (camera z; <= 0 behind the camera, where the pixels mean nothing)."""
+    camera = points @ w2c[:3, :3].transpose(-1, -2) + w2c[:3, 3]
+    depth = camera[..., 2]
+    safe = torch.where(depth.abs() > 1e-8, depth, torch.full_like(depth, 1e-8))
+    fx, fy, cx, cy = intrinsics.unbind(-1)
+    pixels = torch.stack([fx * camera[..., 0] / safe + cx, fy * camera[..., 1] / safe + cy], dim=-1)
+    return pixels, depth

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -51,7 +52,8 @@ def make_data(data_root: Path, train_scenes: int, eval_scenes: int, quick: bool 
             log.info("using the synthetic %s scenes in %s", layout, root)
             continue
         size = dict(frames=16 if layout == "dl3dv" else 6, height=48, width=80) if quick else {}
-        generate(layout, root, count, seed=seed, eval_context=EVAL_CONTEXT_VIEWS, progress=True, **size)
+        generate(layout, root, count, seed=seed, eval_context=EVAL_CONTEXT_VIEWS, progress=True,
+                 workers=min(count, os.cpu_count() or 1), **size)
     return time.perf_counter() - start
 
 

@@ -234,8 +234,9 @@ class Trainer:
         # the path, not its weights, so that a strict-loading error names the file
         load_model_checkpoint(self.accelerator.unwrap_model(self.model), self.workspace / ws.MODEL_FILE, self.opt,
                               strict=True)
-        device = self.accelerator.device
-        self.optimizer.load_state_dict(torch.load(self.workspace / ws.OPTIMIZER_FILE, map_location=device,
+        # loaded to the CPU, and load_state_dict moves each state to its parameter's device (a map_location of
+        # the process's device fails for CPU processes, which accelerate names cpu:1, cpu:2, ...)
+        self.optimizer.load_state_dict(torch.load(self.workspace / ws.OPTIMIZER_FILE, map_location="cpu",
                                                   weights_only=False))
         self.scheduler.load_state_dict(torch.load(self.workspace / ws.SCHEDULER_FILE, weights_only=False))
         self.global_step = metadata["step"]
@@ -454,8 +455,11 @@ class Trainer:
             self.wandb.finish()
 
     def _log(self, stats: dict, steps_per_second: float, bar) -> None:
-        opt = self.opt
-        loss, psnr = float(stats["loss"]), float(stats["psnr"])
+        opt, acc = self.opt, self.accelerator
+        loss_psnr = torch.stack([stats["loss"].float(), stats["psnr"].float()])
+        if acc.num_processes > 1:  # the global batch's numbers, not this process's share of it
+            loss_psnr = acc.reduce(loss_psnr, reduction="mean")
+        loss, psnr = loss_psnr.tolist()
         lr = self.scheduler.get_last_lr()[0]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{psnr:.2f}", lr=f"{lr:.2e}", its=f"{steps_per_second:.2f}",

@@ -256,8 +256,18 @@ class SceneDataset(torch.utils.data.Dataset):
             self._opts[num_views] = self.opt if num_views == self.opt.num_views else self.opt.evolve(num_views=num_views)
         return self._opts[num_views]
 
-    def load(self, index: int) -> Dict[str, Tensor]:
-        """The sample of entry index (raises on any failure)."""
+    def view_choice(self, index: int):
+        """(the ViewChoice that `load(index)` makes, the scene's metadata), reading no images."""
+        k, ref = self.entries[index]
+        source = self.sources[k]
+        rng, _ = self._generators(index)
+        with source.reader.open(ref) as scene:
+            return self._choose(rng, source, scene.meta), scene.meta
+
+    def load(self, index: int, targets: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
+        """The sample of entry index (raises on any failure). targets: frame indices (camera *
+        num_frames + frame for multi-camera scenes) that replace the drawn targets, keeping the
+        context (render scripts ask for every camera at one time)."""
         k, ref = self.entries[index]
         source = self.sources[k]
         rng, generator = self._generators(index)
@@ -268,6 +278,8 @@ class SceneDataset(torch.utils.data.Dataset):
             if problems:
                 raise SceneError(meta.path, "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
             choice = self._choose(rng, source, meta)
+            if targets is not None:
+                choice = ViewChoice(choice.context, tuple(int(i) for i in targets))
             views = scene.views(choice.indices, depth=need_depth)
         indices = choice.indices
         sample = preprocess_views(

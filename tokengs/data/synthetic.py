@@ -28,6 +28,7 @@ import functools
 import hashlib
 import io
 import json
+import multiprocessing
 import tarfile
 import time
 import zipfile
@@ -415,14 +416,14 @@ def write_dl3dv(out: Path, rng, textures, index: int, seed: int, frames: int, hw
     path.parent.mkdir(parents=True, exist_ok=True)
     transforms = _nerfstudio_transforms(c2ws, intrinsics, hw, basenames, image_ids, evaluation)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr(f"{folder}/transforms.json", json.dumps(transforms, indent=1))
+        _zip_add(archive, f"{folder}/transforms.json", json.dumps(transforms, indent=1).encode())
         for basename, image in zip(basenames, images):
-            archive.writestr(f"{folder}/{image_dir}/{basename}", _png(image))
+            _zip_add(archive, f"{folder}/{image_dir}/{basename}", _png(image))
         if evaluation:
             from tokengs.data.dl3dv_eval import write_points3d_bin
 
             xyz, rgb, tracks = _colmap_points(rng, c2ws, intrinsics, images, depths, image_ids)
-            archive.writestr(f"{folder}/sparse/0/points3D.bin", write_points3d_bin(xyz, rgb, tracks))
+            _zip_add(archive, f"{folder}/sparse/0/points3D.bin", write_points3d_bin(xyz, rgb, tracks))
     return GeneratedScene(name, path, c2ws, intrinsics, hw, depths)
 
 
@@ -532,6 +533,12 @@ def write_kubric(out: Path, rng, textures, index: int, seed: int, frames: int, h
                           np.stack(all_depths))
 
 
+def _zip_add(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
+    """A member with a fixed date (writestr by name stamps the current time): the same seed gives
+    the same bytes."""
+    archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+
+
 def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -544,9 +551,10 @@ def _scene_rng(seed: int, layout: str, index: int) -> np.random.Generator:
 
 def generate(layout: str, out, scenes: int, seed: int = 0, frames: Optional[int] = None, height: Optional[int] = None,
              width: Optional[int] = None, cameras_per_scene: int = 9, eval_context: int = 2,
-             progress: bool = False) -> List[GeneratedScene]:
+             progress: bool = False, workers: int = 1) -> List[GeneratedScene]:
     """Write `scenes` synthetic scenes of a layout under the dataset root `out` (see the module
-    docstring) and return what was made, in our conventions, for checks."""
+    docstring) and return what was made, in our conventions, for checks. Scenes are independent:
+    `workers` processes make them in parallel, with the same result as one."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     default_frames, default_h, default_w = DEFAULTS[layout]
@@ -555,19 +563,27 @@ def generate(layout: str, out, scenes: int, seed: int = 0, frames: Optional[int]
     out.mkdir(parents=True, exist_ok=True)
     if layout == "re10k":
         return write_re10k(out, scenes, seed, frames, hw)
-    made = []
-    for i in tqdm(range(scenes), desc=f"synthetic {layout} scenes", disable=not progress, dynamic_ncols=True):
-        rng = _scene_rng(seed, layout, i)
-        textures = make_textures(rng, hw[1])
-        if layout == "kubric":
-            made.append(write_kubric(out, rng, textures, i, seed, frames, hw, cameras_per_scene))
-        else:
-            made.append(write_dl3dv(out, rng, textures, i, seed, frames, hw, evaluation=layout == "dl3dv_eval"))
+    make = functools.partial(_write_scene, layout, out, seed, frames, hw, cameras_per_scene)
+    bar = dict(total=scenes, desc=f"synthetic {layout} scenes", disable=not progress, dynamic_ncols=True)
+    if workers > 1 and scenes > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, scenes)) as pool:
+            made = list(tqdm(pool.imap(make, range(scenes)), **bar))
+    else:
+        made = [make(i) for i in tqdm(range(scenes), **bar)]
     if layout == "dl3dv_eval":
         context = sorted({round(j * (frames - 1) / max(eval_context - 1, 1)) for j in range(eval_context)})
         index = {scene.name: {"context": context, "target": list(range(frames))} for scene in made}
         (out / "evaluation.json").write_text(json.dumps(index, indent=1))
     return made
+
+
+def _write_scene(layout: str, out: Path, seed: int, frames: int, hw, cameras_per_scene: int,
+                 index: int) -> GeneratedScene:
+    rng = _scene_rng(seed, layout, index)
+    textures = make_textures(rng, hw[1])
+    if layout == "kubric":
+        return write_kubric(out, rng, textures, index, seed, frames, hw, cameras_per_scene)
+    return write_dl3dv(out, rng, textures, index, seed, frames, hw, evaluation=layout == "dl3dv_eval")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -582,10 +598,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--width", type=int, help="image width; default per layout (small)")
     parser.add_argument("--cameras", type=int, default=9, help="kubric: cameras per scene")
     parser.add_argument("--eval-context", type=int, default=2, help="dl3dv_eval: context views in evaluation.json")
+    parser.add_argument("--workers", type=int, default=1, help="processes making scenes in parallel")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     made = generate(args.layout, args.out, args.scenes, args.seed, args.frames, args.height, args.width,
-                    args.cameras, args.eval_context, progress=True)
+                    args.cameras, args.eval_context, progress=True,
+                    workers=args.workers)
     print(f"wrote {len(made)} {args.layout} scenes to {args.out} in {time.perf_counter() - start:.1f} s")
 
 

@@ -1,0 +1,211 @@
+"""Render a dynamic (Kubric) model over time: reconstruction, static/dynamic decomposition and
+scene flow.
+
+    python scripts/render_kubric_dyn.py --ckpt C [--preset P | --workspace W] --kubric_root R \
+        --out_dir O [--scene_idx 0] [--n_scenes 1] [--fps 8] [--trajectory_frames 48] [--tracks 200]
+
+The options come from a preset (finetune_dl3dv_kubric_dyn_release by default) or a finetuned
+workspace's config.yaml. Each scene's context views are those evaluation draws (the cameras at
+the two ends of a frame span); the context is encoded once, and the Gaussians are decoded at
+every frame of the span through the target time embedding. The dynamic Gaussians keep their
+index from one time to the next, so their means form trajectories (scene flow).
+
+Per scene, under O/<scene>/:
+    fixed_camera.mp4      the reconstruction over time, seen from the first context camera
+    trajectory.mp4        a camera path through the context cameras while time runs
+    dynamic_only.mp4      only the Gaussians of the dynamic tokens (first context camera)
+    static_only.mp4       only those of the static tokens
+    inputs_vs_gt.mp4      every context camera over time, renders (top row) above ground truth
+    tracks.mp4            the reconstruction with the tracks of the most opaque dynamic Gaussians
+    tracks.npz            means [T, N_dyn, 3], opacities [T, N_dyn], colors [T, N_dyn, 3], frames [T],
+                          pixels [T, N_dyn, 2] and depths [T, N_dyn] in the first context camera,
+                          motion [N_dyn] (track length), on_moving_pixels [N_dyn]
+and O/summary.json: per scene, the files and the mean track motion of the visible dynamic
+Gaussians that start on pixels where the ground truth moves vs elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from tokengs.cameras import path_through_cameras, project_points  # noqa: E402
+from tokengs.gaussians import Gaussians  # noqa: E402
+from tokengs.media import save_video, to_uint8  # noqa: E402
+from tokengs.render_setup import load_for_rendering, rendering_options, scene_range  # noqa: E402
+from tokengs.rendering import render_chunked, render_path, w2c_from_cam_view  # noqa: E402
+
+DEFAULT_PRESET = "finetune_dl3dv_kubric_dyn_release"
+VISIBLE_OPACITY = 0.1  # tracks drawn and counted: dynamic Gaussians at least this opaque on average
+MOVING_PIXEL_CHANGE = 0.1  # a pixel "moves" where the ground truth changes by this much (max over channels)
+
+
+def dynamic_model_problems(opt) -> list[str]:
+    problems = []
+    if opt.num_dynamic_gs_tokens <= 0 or not opt.time_embedding:
+        problems.append(f"the options have num_dynamic_gs_tokens={opt.num_dynamic_gs_tokens} and "
+                        f"time_embedding={opt.time_embedding}: this script renders dynamic models (a Kubric "
+                        f"dynamic preset such as {DEFAULT_PRESET}, or its workspace); for static models use "
+                        "scripts/render_trajectory.py")
+    if not any(name.startswith("kubric") for name, _ in opt.data_mode):
+        problems.append(f"data_mode {opt.data_mode} has no kubric dataset; the script reads multi-camera videos")
+    return problems
+
+
+def to_batch(sample: dict, device: torch.device) -> dict:
+    return {k: v.unsqueeze(0).to(device) for k, v in sample.items() if torch.is_tensor(v)}
+
+
+@torch.no_grad()
+def decode_over_time(model, samples: list[dict], device: torch.device) -> list[Gaussians]:
+    """The context (identical in every sample) encoded once, decoded at each sample's first target
+    time -> one Gaussians [1, N] per sample."""
+    encoding = model.encode(to_batch(samples[0], device))
+    decoded = []
+    for sample in samples:
+        at_time = dataclasses.replace(encoding, target_time_tokens=model.target_time_tokens(to_batch(sample, device)))
+        decoded.append(Gaussians.unpack(model.decode(at_time).float()))
+    return decoded
+
+
+def render_views(opt, gaussians: Gaussians, batch: dict, views: slice = slice(None)) -> Tensor:
+    """Gaussians [1, N] seen from the batch's target cameras (a slice of them) -> [V, 3, H, W]."""
+    cameras = {"cam_view": batch["cam_view"][:, views], "intrinsics": batch["intrinsics"][:, views]}
+    return render_chunked(opt, gaussians, cameras, chunk_size=8).images[0].clamp(0, 1)
+
+
+def draw_tracks(frame: np.ndarray, pixels: np.ndarray, depths: np.ndarray, upto: int, colors: np.ndarray) -> np.ndarray:
+    """Polylines of pixels[:upto + 1, n] for every track n in front of the camera, on a copy of frame."""
+    frame = np.ascontiguousarray(frame.copy())
+    for n in range(pixels.shape[1]):
+        visible = depths[: upto + 1, n] > 0
+        points = np.round(pixels[: upto + 1, n][visible]).astype(np.int32)
+        if len(points) >= 2:
+            cv2.polylines(frame, [points.reshape(-1, 1, 2)], False, colors[n].tolist(), 1, cv2.LINE_AA)
+        if len(points):
+            cv2.circle(frame, tuple(points[-1].tolist()), 1, colors[n].tolist(), -1, cv2.LINE_AA)
+    return frame
+
+
+def render_scene(model, opt, dataset, index: int, out: Path, args, device: torch.device) -> dict:
+    choice, meta = dataset.view_choice(index)
+    _, num_frames = meta.grid
+    context_cameras = list(dict.fromkeys(i // num_frames for i in choice.context))
+    context_frames = sorted({i % num_frames for i in choice.context})
+    frames = list(range(context_frames[0], context_frames[-1] + 1))
+    # every context camera at each frame of the span: the first target (the first context camera)
+    # sets the decoding time; all of them give the ground truth for inputs_vs_gt
+    samples = [dataset.load(index, targets=[c * num_frames + f for c in context_cameras]) for f in frames]
+    name = samples[0]["scene_name"].replace("/", "_")
+    out = out / name
+    out.mkdir(parents=True, exist_ok=True)
+    over_time = decode_over_time(model, samples, device)
+    batches = [to_batch(s, device) for s in samples]
+    dynamic = model.dynamic_gaussian_mask().to(device)
+    first_camera = slice(0, 1)
+
+    fixed = torch.stack([render_views(opt, g, b, first_camera)[0] for g, b in zip(over_time, batches)])
+    dynamic_only = torch.stack([render_views(opt, g.select(dynamic), b, first_camera)[0]
+                                for g, b in zip(over_time, batches)])
+    static_only = torch.stack([render_views(opt, g.select(~dynamic), b, first_camera)[0]
+                               for g, b in zip(over_time, batches)])
+    side_by_side = torch.stack([torch.cat([torch.cat(list(render_views(opt, g, b)), dim=-1),
+                                           torch.cat(list(b["images_output"][0].clamp(0, 1)), dim=-1)], dim=-2)
+                                for g, b in zip(over_time, batches)])
+    # the camera moves through the context cameras while time runs over the span
+    path = path_through_cameras(batches[0]["cam_to_world_input"][0, : len(context_cameras)].double().cpu(),
+                                args.trajectory_frames).float().to(device)
+    time_of_frame = np.round(np.linspace(0, len(frames) - 1, args.trajectory_frames)).astype(int)
+    intrinsics = batches[0]["intrinsics_input"][0, 0]
+    trajectory = torch.cat([render_path(opt, over_time[t], path[k:k + 1], intrinsics)
+                            for k, t in enumerate(time_of_frame)])
+
+    # scene flow: the dynamic Gaussians' means over time, projected into the first context camera
+    means = torch.stack([g.means[0, dynamic] for g in over_time]).cpu()  # [T, N_dyn, 3]
+    opacities = torch.stack([g.opacities[0, dynamic] for g in over_time]).cpu()
+    colors = torch.stack([g.colors[0, dynamic] for g in over_time]).cpu()
+    w2c = w2c_from_cam_view(batches[0]["cam_view"][0, 0]).cpu()
+    pixels, depths = project_points(means, w2c, batches[0]["intrinsics"][0, 0].cpu())
+    motion = (means[1:] - means[:-1]).norm(dim=-1).sum(0) if len(frames) > 1 else torch.zeros(means.shape[1])
+    height, width = opt.img_size
+    gt = torch.stack([b["images_output"][0, 0] for b in batches]).cpu()  # [T, 3, H, W]
+    moving_pixels = ((gt - gt[:1]).abs().amax(dim=(0, 1)) > MOVING_PIXEL_CHANGE).numpy()
+    centers = pixels - 0.5  # pixel (i, j) is centered at (i + 0.5, j + 0.5)
+    u, v = centers[0, :, 0].round().long(), centers[0, :, 1].round().long()
+    inside = (depths[0] > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    on_moving = torch.zeros_like(inside)
+    on_moving[inside] = torch.from_numpy(moving_pixels[v[inside].numpy(), u[inside].numpy()])
+    visible = inside & (opacities.mean(0) >= VISIBLE_OPACITY)
+    np.savez(out / "tracks.npz", means=means.numpy(), opacities=opacities.numpy(), colors=colors.numpy(),
+             frames=np.array(frames), pixels=pixels.numpy(), depths=depths.numpy(), motion=motion.numpy(),
+             on_moving_pixels=on_moving.numpy(), visible=visible.numpy())
+
+    drawn = torch.nonzero(visible).flatten()
+    drawn = drawn[opacities.mean(0)[drawn].argsort(descending=True)[: args.tracks]]
+    hues = np.linspace(0, 179, max(len(drawn), 1), endpoint=False).astype(np.uint8)
+    palette = cv2.cvtColor(np.stack([hues, np.full_like(hues, 255), np.full_like(hues, 255)], -1)[None],
+                           cv2.COLOR_HSV2RGB)[0]
+    base = to_uint8(fixed.cpu())
+    tracks = np.stack([draw_tracks(base[t], centers[:, drawn].numpy(), depths[:, drawn].numpy(), t, palette)
+                       for t in range(len(frames))])
+
+    videos = {"fixed_camera": fixed, "trajectory": trajectory, "dynamic_only": dynamic_only,
+              "static_only": static_only, "inputs_vs_gt": side_by_side, "tracks": tracks}
+    written = {key: str(save_video(out / f"{key}.mp4", value if isinstance(value, np.ndarray) else value.cpu(),
+                                   fps=args.fps)) for key, value in videos.items()}
+    written["tracks_npz"] = str(out / "tracks.npz")
+
+    def mean_motion(mask: Tensor):
+        return float(motion[mask].mean()) if bool(mask.any()) else None
+
+    return {"scene": samples[0]["scene_name"], "frames": frames, "context_cameras": context_cameras,
+            "files": written, "dynamic_gaussians": int(dynamic.sum()), "visible_dynamic": int(visible.sum()),
+            "mean_motion_on_moving_pixels": mean_motion(visible & on_moving),
+            "mean_motion_elsewhere": mean_motion(visible & ~on_moving),
+            "visible_on_moving_pixels": int((visible & on_moving).sum())}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, type=Path, help="model weights (.safetensors, .pt, .pth)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", help=f"a dynamic preset (default {DEFAULT_PRESET})")
+    source.add_argument("--workspace", help="a finetuned workspace: its config.yaml gives the options")
+    parser.add_argument("--kubric_root", required=True, help="Kubric-layout root (data/kubric: v0/<scene>/...)")
+    parser.add_argument("--out_dir", required=True, type=Path)
+    parser.add_argument("--scene_idx", type=int, default=0)
+    parser.add_argument("--n_scenes", type=int, default=1)
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--trajectory_frames", type=int, default=48)
+    parser.add_argument("--tracks", type=int, default=200, help="tracks drawn in tracks.mp4 (the most opaque)")
+    args = parser.parse_args(argv)
+
+    problems: list[str] = []
+    if not Path(args.kubric_root).is_dir():
+        problems.append(f"--kubric_root {args.kubric_root}: no such folder (`python -m tokengs.data.synthetic "
+                        f"--layout kubric --out {args.kubric_root} --scenes 2` makes a synthetic one)")
+    opt = rendering_options(args.preset or (None if args.workspace else DEFAULT_PRESET), args.workspace,
+                            {"root_path": args.kubric_root}, problems)
+    model, dataset, device = load_for_rendering(opt, args.ckpt, problems, "rendering", dynamic_model_problems)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    summary = [render_scene(model, opt, dataset, index, args.out_dir, args, device)
+               for index in scene_range(dataset, args.scene_idx, args.n_scenes)]
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    for scene in summary:
+        print(f"{scene['scene']}: {len(scene['frames'])} frames, {scene['visible_dynamic']} visible dynamic "
+              f"Gaussians; mean track motion {scene['mean_motion_on_moving_pixels']} on moving pixels vs "
+              f"{scene['mean_motion_elsewhere']} elsewhere; files in {Path(scene['files']['tracks_npz']).parent}")
+
+
+if __name__ == "__main__":
+    main()
