@@ -62,9 +62,10 @@ SMOKE_PRESETS = {"finetune_dl3dv_6view": "tiny", "eval_dl3dv_6view": "tiny", "fi
                  "eval_dl3dv_latent_6view_ssim": "tiny_latent"}
 
 
-def case_options(case: Case, smoke: bool) -> Options:
+def case_options(case: Case, smoke: bool, activation_checkpointing: bool = False) -> Options:
     opt = get_preset(SMOKE_PRESETS[case.preset] if smoke else case.preset)
-    changes = dict(lambda_ssim=0.0, lambda_lpips=0.0, batch_size=case.batch_size)
+    changes = dict(lambda_ssim=0.0, lambda_lpips=0.0, batch_size=case.batch_size,
+                   activation_checkpointing=activation_checkpointing)
     if case.kind != "train":
         changes.update(evaluating=True)
     if smoke:
@@ -137,9 +138,10 @@ def profile_step(step: Callable[[], None], device: torch.device, rows: int = 15)
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats: int, profile: bool = False) -> dict:
+def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats: int, profile: bool = False,
+             activation_checkpointing: bool = False) -> dict:
     case = CASES[name]
-    opt = case_options(case, smoke)
+    opt = case_options(case, smoke, activation_checkpointing)
     torch.manual_seed(0)
     model = TokenGS(opt).to(device)
     batch = random_batch(opt, device)
@@ -185,7 +187,8 @@ def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats:
     # model FLOPs per timed step: forward x3 for training; one forward-equivalent per tuning step
     # would overstate the decoder-only work of tuning, so tuning reports the reconstruction's rate
     multiplier = 3 if case.kind == "train" else 1
-    result = {"case": name, "preset": opt_name(case, smoke), "batch_size": opt.batch_size, "median_ms": median,
+    result = {"case": name, "preset": opt_name(case, smoke), "batch_size": opt.batch_size,
+              "activation_checkpointing": activation_checkpointing, "median_ms": median,
               "min_ms": min(times), "max_ms": max(times), "repeats": len(times), "peak_gib": peak,
               "model_tflops": flops * multiplier / (median / 1e3) / 1e12 if case.kind != "ttt" else None,
               "release_ms": None if smoke else RELEASE_MS.get(name), "target_ms": None if smoke else TARGET_MS.get(name)}
@@ -222,6 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="also print the top operators of one step per case")
+    parser.add_argument("--activation_checkpointing", action="store_true",
+                        help="recompute the backbone's blocks in backward (less memory, more time)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.smoke and device.type != "cuda":
@@ -231,7 +236,7 @@ def main(argv=None) -> int:
     results = []
     for name in args.cases:
         try:
-            result = run_case(name, args.smoke, device, warmup, repeats, args.profile)
+            result = run_case(name, args.smoke, device, warmup, repeats, args.profile, args.activation_checkpointing)
         except torch.OutOfMemoryError as exc:  # one case too big for this GPU must not hide the others
             print(f"{name}: out of memory ({exc})".splitlines()[0], file=sys.stderr, flush=True)
             torch.cuda.empty_cache()
