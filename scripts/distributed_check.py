@@ -1,7 +1,7 @@
 """Checks distributed training and evaluation on one machine with several GPUs (issue: several GPUs).
 
     python scripts/distributed_check.py --out DIR [--gpus 2] [--steps 150] [--batch_size 2]
-        [--only train|resume|eval]
+        [--only train|resume|eval] [--smoke]
 
 On synthetic DL3DV-layout scenes at 960x540 (generated into --data unless there), with the
 finetune_dl3dv_6view preset under bf16:
@@ -17,7 +17,8 @@ finetune_dl3dv_6view preset under bf16:
 3. eval: eval_dl3dv_6view with the trained model on an odd number of scenes, by one process and by
    --gpus processes: the per-scene metrics must be identical.
 
-Writes report.json and a log of every command under --out.
+Writes report.json and a log of every command under --out. `--smoke` runs the same checks with
+the tiny presets on CPU processes joined over gloo (a check of the script on a machine without GPUs).
 """
 
 from __future__ import annotations
@@ -33,12 +34,23 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from tokengs.options import get_preset  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 AUDIT = ROOT / "tests" / "write_audit"
 PRESET, EVAL_PRESET = "finetune_dl3dv_6view", "eval_dl3dv_6view"
+SMOKE = {"preset": "tiny", "eval_preset": "tiny_eval", "height": 32, "width": 48}  # --smoke: CPU processes on gloo
+FULL = {"preset": PRESET, "eval_preset": EVAL_PRESET, "height": 540, "width": 960}
 
 
-def launch(processes: int) -> list[str]:
+def launch(processes: int, smoke: bool) -> list[str]:
+    if smoke and processes == 1:
+        return [sys.executable]
+    if smoke:  # accelerate's --cpu starts one process; --multi_gpu starts several, which join over gloo
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     config = "gpu1.yaml" if processes == 1 else "gpu8.yaml"
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "acc_configs" / config),
             "--num_processes", str(processes)]
@@ -60,19 +72,20 @@ def scalars(workspace: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
-def make_data(root: Path, layout: str, scenes: int, frames: int, seed: int) -> None:
+def make_data(root: Path, layout: str, scenes: int, frames: int, seed: int, size: dict, context: int) -> None:
     from tokengs.data.synthetic import generate
 
     if root.is_dir():
         return
-    generate(layout, root, scenes, seed=seed, frames=frames, height=540, width=960, eval_context=6,
-             workers=min(scenes, os.cpu_count() or 1), progress=True)
+    generate(layout, root, scenes, seed=seed, frames=frames, height=size["height"], width=size["width"],
+             eval_context=context, workers=min(scenes, os.cpu_count() or 1), progress=True)
 
 
 def train_command(processes: int, gpus: int, data: Path, workspace: Path, args) -> list[str]:
     # one process takes the multi-process run's global batch by accumulating `gpus` batches per step
     accumulate = gpus if processes == 1 else 1
-    return [*launch(processes), "-m", "tokengs.train", PRESET, "--workspace", str(workspace),
+    size = SMOKE if args.smoke else FULL
+    return [*launch(processes, args.smoke), "-m", "tokengs.train", size["preset"], "--workspace", str(workspace),
             "--dataset_kwargs", "root_path", str(data), "--data_mode", "dl3dv_scaled_0.15", "100",
             "--batch_size", str(args.batch_size), "--gradient_accumulation_steps", str(accumulate),
             "--max_iters_per_epoch", str(args.steps * accumulate), "--num_epochs", "1",
@@ -93,8 +106,8 @@ def check_training(args, out: Path, data: Path, report: dict) -> None:
     curves = {name: scalars(ws, "train/loss") for name, ws in (("one_process", one), (f"{args.gpus}_processes", many))}
     rates = {}
     for name, ws in (("one_process", one), (f"{args.gpus}_processes", many)):
-        its = [v for step, v in sorted(scalars(ws, "train/its").items()) if step > 10]  # after warm-up
-        rates[name] = statistics.median(its) * global_batch
+        its = [v for _, v in sorted(scalars(ws, "train/its").items())]
+        rates[name] = statistics.median(its[1:] or its) * global_batch  # the first window holds the warm-up
     a, b = curves.values()
     common = sorted(set(a) & set(b))
     window = 25
@@ -152,11 +165,14 @@ def check_evaluation(args, out: Path, eval_root: Path, report: dict) -> None:
     for processes in (1, args.gpus):
         workspace = out / f"eval_{processes}"
         shutil.rmtree(workspace, ignore_errors=True)
-        run([*launch(processes), "-m", "tokengs.evaluate", EVAL_PRESET, "--workspace", str(workspace),
+        run([*launch(processes, args.smoke), "-m", "tokengs.evaluate", (SMOKE if args.smoke else FULL)["eval_preset"],
+             "--workspace", str(workspace),
              "--resume", str(model), "--dataset_kwargs", "root_path", str(eval_root), "--eval_metrics", "psnr", "ssim",
              "--eval_n_media_dumps", "1"], out / f"eval_{processes}.log")
         metrics[processes] = json.loads((workspace / "metrics.json").read_text())["scenes"]
-    one, many = metrics[1], metrics[args.gpus]
+    # the scores, not the timings
+    one, many = ([{k: v for k, v in scene.items() if not k.endswith("_ms")} for scene in metrics[n]]
+                 for n in (1, args.gpus))
     report["eval"] = {"scenes": len(one), "scenes_in_multi_process_run": len(many),
                       "identical_per_scene": one == many,
                       "psnr_max_abs_diff": max(abs(a["psnr"] - b["psnr"]) for a, b in zip(one, many)),
@@ -175,15 +191,20 @@ def main() -> None:
     parser.add_argument("--train_scenes", type=int, default=16)
     parser.add_argument("--eval_scenes", type=int, default=5, help="odd, so the processes get unequal shares")
     parser.add_argument("--only", choices=["train", "resume", "eval"], action="append")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny presets and CPU processes on gloo (a check of this script without GPUs)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report_path = args.out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     stages = args.only or ["train", "resume", "eval"]
     start = time.perf_counter()
-    make_data(args.data / "dl3dv", "dl3dv", args.train_scenes, 32, seed=11)
+    size = SMOKE if args.smoke else FULL
+    context = get_preset(size["eval_preset"]).num_input_views
+    make_data(args.data / "dl3dv", "dl3dv", args.train_scenes, 32, 11, size, context)
     if "eval" in stages:
-        make_data(args.data / "dl3dv_eval", "dl3dv_eval", args.eval_scenes, 50, seed=12)
+        make_data(args.data / "dl3dv_eval", "dl3dv_eval", args.eval_scenes, 50 if not args.smoke else 8, 12, size,
+                  context)
     report["data_s"] = time.perf_counter() - start
     for stage in stages:
         if stage == "train":
