@@ -62,10 +62,10 @@ SMOKE_PRESETS = {"finetune_dl3dv_6view": "tiny", "eval_dl3dv_6view": "tiny", "fi
                  "eval_dl3dv_latent_6view_ssim": "tiny_latent"}
 
 
-def case_options(case: Case, smoke: bool, activation_checkpointing: bool = False) -> Options:
+def case_options(case: Case, smoke: bool, **switches: bool) -> Options:
+    """The case's preset, SSIM and LPIPS off; switches: activation_checkpointing, compile_blocks."""
     opt = get_preset(SMOKE_PRESETS[case.preset] if smoke else case.preset)
-    changes = dict(lambda_ssim=0.0, lambda_lpips=0.0, batch_size=case.batch_size,
-                   activation_checkpointing=activation_checkpointing)
+    changes = dict(lambda_ssim=0.0, lambda_lpips=0.0, batch_size=case.batch_size, **switches)
     if case.kind != "train":
         changes.update(evaluating=True)
     if smoke:
@@ -104,8 +104,9 @@ def forward_flops(model: TokenGS, batch: dict, autocast) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    # with grad enabled: the counter's module tracker hooks autograd and fails under no_grad
-    with autocast(), counter:
+    # with grad enabled: the counter's module tracker hooks autograd and fails under no_grad;
+    # eager, so that compiled blocks are counted op by op
+    with torch.compiler.set_stance("force_eager"), autocast(), counter:
         model.forward_gaussians(batch)
     return float(counter.get_total_flops())
 
@@ -139,9 +140,9 @@ def profile_step(step: Callable[[], None], device: torch.device, rows: int = 15)
 
 
 def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats: int, profile: bool = False,
-             activation_checkpointing: bool = False) -> dict:
+             **switches: bool) -> dict:
     case = CASES[name]
-    opt = case_options(case, smoke, activation_checkpointing)
+    opt = case_options(case, smoke, **switches)
     torch.manual_seed(0)
     model = TokenGS(opt).to(device)
     batch = random_batch(opt, device)
@@ -188,7 +189,7 @@ def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats:
     # would overstate the decoder-only work of tuning, so tuning reports the reconstruction's rate
     multiplier = 3 if case.kind == "train" else 1
     result = {"case": name, "preset": opt_name(case, smoke), "batch_size": opt.batch_size,
-              "activation_checkpointing": activation_checkpointing, "median_ms": median,
+              **switches, "median_ms": median,
               "min_ms": min(times), "max_ms": max(times), "repeats": len(times), "peak_gib": peak,
               "model_tflops": flops * multiplier / (median / 1e3) / 1e12 if case.kind != "ttt" else None,
               "release_ms": None if smoke else RELEASE_MS.get(name), "target_ms": None if smoke else TARGET_MS.get(name)}
@@ -227,6 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="also print the top operators of one step per case")
     parser.add_argument("--activation_checkpointing", action="store_true",
                         help="recompute the backbone's blocks in backward (less memory, more time)")
+    parser.add_argument("--compile_blocks", action="store_true", help="torch.compile each backbone block")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.smoke and device.type != "cuda":
@@ -236,7 +238,9 @@ def main(argv=None) -> int:
     results = []
     for name in args.cases:
         try:
-            result = run_case(name, args.smoke, device, warmup, repeats, args.profile, args.activation_checkpointing)
+            result = run_case(name, args.smoke, device, warmup, repeats, args.profile,
+                              activation_checkpointing=args.activation_checkpointing,
+                              compile_blocks=args.compile_blocks)
         except torch.OutOfMemoryError as exc:  # one case too big for this GPU must not hide the others
             print(f"{name}: out of memory ({exc})".splitlines()[0], file=sys.stderr, flush=True)
             torch.cuda.empty_cache()

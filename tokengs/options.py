@@ -148,6 +148,9 @@ class Options:
     """Train again in a workspace that already holds a COMPLETE marker."""
     activation_checkpointing: bool = False
     """Recompute encoder/decoder blocks in backward to save memory."""
+    compile_blocks: bool = False
+    """torch.compile each encoder/decoder block (fuses its norms and elementwise ops; the first
+    steps pay the compilation). Weights and checkpoints are unchanged."""
 
     def __post_init__(self) -> None:
         if self.dec_patch_size is None:

@@ -145,6 +145,11 @@ class EncDecBackbone(nn.Module):
             self.latent_kv_proj = nn.Linear(dim, 2 * dim)
         self.decoder_blocks = nn.ModuleList(
             DecoderBlock(dim, heads, opt.mlp_ratio, dec_init) for _ in range(opt.dec_depth))
+        if opt.compile_blocks:
+            # in place (Module.compile): parameter names, hence checkpoints, stay as they are
+            for block in self.modules():
+                if isinstance(block, (EncoderBlock, DecoderBlock)):
+                    block.compile()
 
     def _run(self, block: Callable[..., Tensor], *args) -> Tensor:
         # Recomputing a block in backward trades compute for activation memory; same numbers.
