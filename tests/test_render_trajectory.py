@@ -50,3 +50,16 @@ def test_script_writes_a_video_and_a_ply_per_scene(tmp_path):
     for video, ply in zip(videos, plys):
         assert read_video(video).shape[:3] == (10, 32, 48)
         assert 0 < load_ply(ply).num_gaussians <= opt.num_gaussians
+
+
+def test_script_lists_every_start_up_problem_and_exits_2(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_trajectory.py"), "--ckpt",
+                           str(tmp_path / "missing.safetensors"), "--workspace", str(tmp_path / "no_workspace"),
+                           "--root", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    first, *rest = done.stderr.strip().splitlines()
+    assert first == "error: fix 2 problem(s) before rendering:"
+    assert any("--ckpt" in line and "missing.safetensors" in line for line in rest)
+    assert any("--workspace" in line and "config.yaml" in line for line in rest)
+    assert not (tmp_path / "out").exists()
