@@ -97,6 +97,42 @@ def draw_tracks(frame: np.ndarray, pixels: np.ndarray, depths: np.ndarray, upto:
     return frame
 
 
+def scene_flow(opt, over_time: list[Gaussians], batches: list[dict], dynamic: Tensor) -> dict[str, Tensor]:
+    """The dynamic Gaussians' means over time [T, N_dyn, 3], their opacities and colors, projected
+    into the first context camera; each track's length; whether it starts on a pixel where the
+    ground truth of that camera changes over the span, and whether it is visible there."""
+    means = torch.stack([g.means[0, dynamic] for g in over_time]).cpu()
+    opacities = torch.stack([g.opacities[0, dynamic] for g in over_time]).cpu()
+    colors = torch.stack([g.colors[0, dynamic] for g in over_time]).cpu()
+    w2c = w2c_from_cam_view(batches[0]["cam_view"][0, 0]).cpu()
+    pixels, depths = project_points(means, w2c, batches[0]["intrinsics"][0, 0].cpu())
+    motion = (means[1:] - means[:-1]).norm(dim=-1).sum(0) if len(means) > 1 else torch.zeros(means.shape[1])
+    height, width = opt.img_size
+    gt = torch.stack([b["images_output"][0, 0] for b in batches]).cpu()  # [T, 3, H, W]
+    moving_pixels = (gt - gt[:1]).abs().amax(dim=(0, 1)) > MOVING_PIXEL_CHANGE
+    centers = pixels - 0.5  # pixel (i, j) is centered at (i + 0.5, j + 0.5)
+    u, v = centers[0, :, 0].round().long(), centers[0, :, 1].round().long()
+    inside = (depths[0] > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    on_moving = torch.zeros_like(inside)
+    on_moving[inside] = moving_pixels[v[inside], u[inside]]
+    return {"means": means, "opacities": opacities, "colors": colors, "pixels": pixels, "depths": depths,
+            "motion": motion, "on_moving_pixels": on_moving,
+            "visible": inside & (opacities.mean(0) >= VISIBLE_OPACITY)}
+
+
+def tracks_video(fixed: Tensor, flow: dict[str, Tensor], count: int) -> np.ndarray:
+    """The fixed-camera frames [T, 3, H, W] with the tracks of the `count` most opaque visible
+    dynamic Gaussians drawn up to each frame -> [T, H, W, 3] uint8."""
+    visible = torch.nonzero(flow["visible"]).flatten()
+    drawn = visible[flow["opacities"].mean(0)[visible].argsort(descending=True)[:count]]
+    hues = np.linspace(0, 179, max(len(drawn), 1), endpoint=False).astype(np.uint8)
+    palette = cv2.cvtColor(np.stack([hues, np.full_like(hues, 255), np.full_like(hues, 255)], -1)[None],
+                           cv2.COLOR_HSV2RGB)[0]
+    centers, depths = (flow["pixels"][:, drawn] - 0.5).numpy(), flow["depths"][:, drawn].numpy()
+    base = to_uint8(fixed.cpu())
+    return np.stack([draw_tracks(base[t], centers, depths, t, palette) for t in range(len(base))])
+
+
 def render_scene(model, opt, dataset, index: int, out: Path, args, device: torch.device) -> dict:
     choice, meta = dataset.view_choice(index)
     _, num_frames = meta.grid
@@ -106,64 +142,40 @@ def render_scene(model, opt, dataset, index: int, out: Path, args, device: torch
     # every context camera at each frame of the span: the first target (the first context camera)
     # sets the decoding time; all of them give the ground truth for inputs_vs_gt
     samples = [dataset.load(index, targets=[c * num_frames + f for c in context_cameras]) for f in frames]
-    name = samples[0]["scene_name"].replace("/", "_")
-    out = out / name
+    out = out / samples[0]["scene_name"].replace("/", "_")
     out.mkdir(parents=True, exist_ok=True)
     over_time = decode_over_time(model, samples, device)
     batches = [to_batch(s, device) for s in samples]
     dynamic = model.dynamic_gaussian_mask().to(device)
     first_camera = slice(0, 1)
 
-    fixed = torch.stack([render_views(opt, g, b, first_camera)[0] for g, b in zip(over_time, batches)])
-    dynamic_only = torch.stack([render_views(opt, g.select(dynamic), b, first_camera)[0]
-                                for g, b in zip(over_time, batches)])
-    static_only = torch.stack([render_views(opt, g.select(~dynamic), b, first_camera)[0]
-                               for g, b in zip(over_time, batches)])
-    side_by_side = torch.stack([torch.cat([torch.cat(list(render_views(opt, g, b)), dim=-1),
-                                           torch.cat(list(b["images_output"][0].clamp(0, 1)), dim=-1)], dim=-2)
-                                for g, b in zip(over_time, batches)])
+    def each_time(render) -> Tensor:
+        return torch.stack([render(g, b) for g, b in zip(over_time, batches)]).cpu()
+
+    fixed = each_time(lambda g, b: render_views(opt, g, b, first_camera)[0])
+    videos = {
+        "fixed_camera": fixed,
+        "dynamic_only": each_time(lambda g, b: render_views(opt, g.select(dynamic), b, first_camera)[0]),
+        "static_only": each_time(lambda g, b: render_views(opt, g.select(~dynamic), b, first_camera)[0]),
+        "inputs_vs_gt": each_time(lambda g, b: torch.cat([torch.cat(list(render_views(opt, g, b)), dim=-1),
+                                                           torch.cat(list(b["images_output"][0].clamp(0, 1)), dim=-1)],
+                                                          dim=-2)),
+    }
     # the camera moves through the context cameras while time runs over the span
     path = path_through_cameras(batches[0]["cam_to_world_input"][0, : len(context_cameras)].double().cpu(),
                                 args.trajectory_frames).float().to(device)
     time_of_frame = np.round(np.linspace(0, len(frames) - 1, args.trajectory_frames)).astype(int)
     intrinsics = batches[0]["intrinsics_input"][0, 0]
-    trajectory = torch.cat([render_path(opt, over_time[t], path[k:k + 1], intrinsics)
-                            for k, t in enumerate(time_of_frame)])
+    videos["trajectory"] = torch.cat([render_path(opt, over_time[t], path[k:k + 1], intrinsics)
+                                      for k, t in enumerate(time_of_frame)]).cpu()
 
-    # scene flow: the dynamic Gaussians' means over time, projected into the first context camera
-    means = torch.stack([g.means[0, dynamic] for g in over_time]).cpu()  # [T, N_dyn, 3]
-    opacities = torch.stack([g.opacities[0, dynamic] for g in over_time]).cpu()
-    colors = torch.stack([g.colors[0, dynamic] for g in over_time]).cpu()
-    w2c = w2c_from_cam_view(batches[0]["cam_view"][0, 0]).cpu()
-    pixels, depths = project_points(means, w2c, batches[0]["intrinsics"][0, 0].cpu())
-    motion = (means[1:] - means[:-1]).norm(dim=-1).sum(0) if len(frames) > 1 else torch.zeros(means.shape[1])
-    height, width = opt.img_size
-    gt = torch.stack([b["images_output"][0, 0] for b in batches]).cpu()  # [T, 3, H, W]
-    moving_pixels = ((gt - gt[:1]).abs().amax(dim=(0, 1)) > MOVING_PIXEL_CHANGE).numpy()
-    centers = pixels - 0.5  # pixel (i, j) is centered at (i + 0.5, j + 0.5)
-    u, v = centers[0, :, 0].round().long(), centers[0, :, 1].round().long()
-    inside = (depths[0] > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
-    on_moving = torch.zeros_like(inside)
-    on_moving[inside] = torch.from_numpy(moving_pixels[v[inside].numpy(), u[inside].numpy()])
-    visible = inside & (opacities.mean(0) >= VISIBLE_OPACITY)
-    np.savez(out / "tracks.npz", means=means.numpy(), opacities=opacities.numpy(), colors=colors.numpy(),
-             frames=np.array(frames), pixels=pixels.numpy(), depths=depths.numpy(), motion=motion.numpy(),
-             on_moving_pixels=on_moving.numpy(), visible=visible.numpy())
-
-    drawn = torch.nonzero(visible).flatten()
-    drawn = drawn[opacities.mean(0)[drawn].argsort(descending=True)[: args.tracks]]
-    hues = np.linspace(0, 179, max(len(drawn), 1), endpoint=False).astype(np.uint8)
-    palette = cv2.cvtColor(np.stack([hues, np.full_like(hues, 255), np.full_like(hues, 255)], -1)[None],
-                           cv2.COLOR_HSV2RGB)[0]
-    base = to_uint8(fixed.cpu())
-    tracks = np.stack([draw_tracks(base[t], centers[:, drawn].numpy(), depths[:, drawn].numpy(), t, palette)
-                       for t in range(len(frames))])
-
-    videos = {"fixed_camera": fixed, "trajectory": trajectory, "dynamic_only": dynamic_only,
-              "static_only": static_only, "inputs_vs_gt": side_by_side, "tracks": tracks}
-    written = {key: str(save_video(out / f"{key}.mp4", value if isinstance(value, np.ndarray) else value.cpu(),
-                                   fps=args.fps)) for key, value in videos.items()}
+    flow = scene_flow(opt, over_time, batches, dynamic)
+    np.savez(out / "tracks.npz", frames=np.array(frames), **{k: v.numpy() for k, v in flow.items()})
+    videos["tracks"] = tracks_video(fixed, flow, args.tracks)
+    written = {key: str(save_video(out / f"{key}.mp4", value, fps=args.fps)) for key, value in videos.items()}
     written["tracks_npz"] = str(out / "tracks.npz")
+
+    visible, on_moving, motion = flow["visible"], flow["on_moving_pixels"], flow["motion"]
 
     def mean_motion(mask: Tensor):
         return float(motion[mask].mean()) if bool(mask.any()) else None
