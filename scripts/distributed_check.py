@@ -118,7 +118,7 @@ def check_training(args, out: Path, data: Path, report: dict) -> None:
     writers = {p.stem: sorted({line.split("\t")[-1].replace(str(many), "<ws>") for line in p.read_text().splitlines()})
                for p in sorted(records.glob("rank*.txt"))}
     report["train"] = {
-        "preset": PRESET, "gpus": args.gpus, "batch_per_process": args.batch_size, "global_batch": global_batch,
+        "preset": (SMOKE if args.smoke else FULL)["preset"], "gpus": args.gpus, "batch_per_process": args.batch_size, "global_batch": global_batch,
         "steps": args.steps, "samples_per_s": rates,
         "scaling": rates[f"{args.gpus}_processes"] / rates["one_process"],
         "wall_s": {"one_process": wall_one, f"{args.gpus}_processes": wall_many},
