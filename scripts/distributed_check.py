@@ -78,7 +78,7 @@ def make_data(root: Path, layout: str, scenes: int, frames: int, seed: int, size
     if root.is_dir():
         return
     generate(layout, root, scenes, seed=seed, frames=frames, height=size["height"], width=size["width"],
-             eval_context=context, workers=min(scenes, os.cpu_count() or 1), progress=True)
+             eval_context=context, workers=os.cpu_count() or 1, progress=True)
 
 
 def train_command(processes: int, gpus: int, data: Path, workspace: Path, args) -> list[str]:

@@ -53,7 +53,7 @@ def make_data(data_root: Path, train_scenes: int, eval_scenes: int, quick: bool 
             continue
         size = dict(frames=16 if layout == "dl3dv" else 6, height=48, width=80) if quick else {}
         generate(layout, root, count, seed=seed, eval_context=EVAL_CONTEXT_VIEWS, progress=True,
-                 workers=min(count, os.cpu_count() or 1), **size)
+                 workers=os.cpu_count() or 1, **size)
     return time.perf_counter() - start
 
 

@@ -57,16 +57,15 @@ def startup_problems(opt: Options, checkpoint: Optional[Path], from_config: bool
     that sets it. from_config: the checkpoint is the --config workspace's default."""
     from tokengs.data import dataset_root_problems
     from tokengs.metrics import lpips_weights_problem
+    from tokengs.models.checkpoint import checkpoint_file_problems
 
     problems = list(dataset_root_problems(opt))
-    whose = " (the --config workspace's)" if from_config else ""
     if checkpoint is None:
         problems.append("no checkpoint: pass --resume CKPT (a .safetensors/.pt file) or --config W/config.yaml "
                         "of a training workspace")
-    elif not checkpoint.is_file():
-        problems.append(f"checkpoint {checkpoint}{whose} does not exist; set --resume CKPT")
-    elif checkpoint.stat().st_size == 0:
-        problems.append(f"checkpoint {checkpoint}{whose} is empty; set --resume CKPT")
+    else:
+        named = "checkpoint (the --config workspace's; --resume CKPT sets another)" if from_config else "--resume"
+        problems += checkpoint_file_problems(checkpoint, named)
     if needs_lpips(opt) and (problem := lpips_weights_problem()):
         problems.append(problem)  # it names the file, where it belongs and the flags that do without it
     return problems

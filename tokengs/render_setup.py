@@ -33,23 +33,15 @@ def rendering_options(preset: Optional[str], workspace: Optional[str], dataset_k
     return opt.evolve(evaluating=True, use_input_supervision=False, batch_size=1, dataset_kwargs=kwargs)
 
 
-def checkpoint_problems(ckpt: Path) -> list[str]:
-    if not ckpt.is_file():
-        return [f"--ckpt {ckpt}: no such file; point it at model weights (.safetensors, .pt, .pth)"]
-    if ckpt.stat().st_size == 0:
-        return [f"--ckpt {ckpt}: the file is empty (a failed download or copy?)"]
-    return []
-
-
 def load_for_rendering(opt: Optional[Options], ckpt: Path, problems: list[str], what: str,
                        extra_checks: Callable[[Options], list[str]] = lambda opt: []):
     """Check everything (dataset roots, checkpoint, extra_checks), exit 2 listing every problem
     found; then the model on the best device, in eval mode, and the evaluation dataset."""
     from tokengs.data import build_dataset, dataset_root_problems
     from tokengs.models import TokenGS, load_model_checkpoint
-    from tokengs.models.checkpoint import CheckpointError
+    from tokengs.models.checkpoint import CheckpointError, checkpoint_file_problems
 
-    problems = problems + checkpoint_problems(ckpt)
+    problems = problems + checkpoint_file_problems(ckpt, "--ckpt")
     if opt is not None:
         problems += dataset_root_problems(opt) + extra_checks(opt)
     if problems:

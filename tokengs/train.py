@@ -130,16 +130,13 @@ def set_rng_state(encoded: str) -> None:
 
 def startup_problems(opt: Options) -> list[str]:
     from tokengs.data import dataset_root_problems
+    from tokengs.models.checkpoint import checkpoint_file_problems
 
     problems = list(dataset_root_problems(opt))
     workspace = Path(opt.workspace)
     resuming = (workspace / ws.METADATA_FILE).exists()
     if opt.resume and not resuming:
-        path = Path(opt.resume)
-        if not path.is_file():
-            problems.append(f"--resume {path}: no such file; point it at a .safetensors/.pt checkpoint")
-        elif path.stat().st_size == 0:
-            problems.append(f"--resume {path}: the file is empty (a failed download or copy?)")
+        problems += checkpoint_file_problems(opt.resume, "--resume")
     if resuming:
         missing = ws.missing_checkpoint_files(workspace)
         if missing:

@@ -602,8 +602,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     made = generate(args.layout, args.out, args.scenes, args.seed, args.frames, args.height, args.width,
-                    args.cameras, args.eval_context, progress=True,
-                    workers=args.workers)
+                    args.cameras, args.eval_context, progress=True, workers=args.workers)
     print(f"wrote {len(made)} {args.layout} scenes to {args.out} in {time.perf_counter() - start:.1f} s")
 
 

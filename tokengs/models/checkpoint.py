@@ -61,6 +61,17 @@ def normalize_state_dict(state: Mapping[str, Tensor]) -> StateDict:
 
 # ---- reading and writing -----------------------------------------------------------------------
 
+def checkpoint_file_problems(path: Union[str, Path], named: str) -> List[str]:
+    """A start-up check, before anything is loaded: the checkpoint file at `path` is missing or
+    empty. `named` says where the path came from (the flag that sets it)."""
+    path = Path(path)
+    if not path.is_file():
+        return [f"{named} {path}: no such file; point it at model weights (.safetensors, .pt, .pth)"]
+    if path.stat().st_size == 0:
+        return [f"{named} {path}: the file is empty (a failed download or copy?)"]
+    return []
+
+
 def load_weights(path: Union[str, Path]) -> StateDict:
     """Read a state dict (on the CPU) from .safetensors or a torch file (.pt/.pth/.bin).
 
