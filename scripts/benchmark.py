@@ -100,6 +100,49 @@ def random_batch(opt: Options, device: torch.device, seed: int = 0) -> dict:
     return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0] if torch.is_tensor(samples[0][k])}
 
 
+# A trained model's Gaussians, roughly: centers spread over the views 0.6 to 6 units ahead, sizes
+# of a pixel or two, opacities around one half. Raw head outputs (before the activations):
+# x, y ~ N(0, 0.35); z ~ N(the raw value of depth 2, 0.5); scale ~ N(-1.9, 0.5), i.e. cap·e^(raw - 1);
+# opacity ~ N(2, 1), i.e. sigmoid(raw - opacity_bias).
+SPREAD_RAW = {"xy_std": 0.35, "depth": 2.0, "depth_log_std": 0.5, "scale_mean": -1.9, "scale_std": 0.5,
+              "opacity_mean": 2.0, "opacity_std": 1.0}
+
+
+@torch.no_grad()
+def spread_gaussians(model: TokenGS, batch: dict) -> None:
+    """Re-draw the activation head so that the fresh model's Gaussians spread like a trained
+    model's (SPREAD_RAW) instead of sitting in one clump in front of the cameras, where each covers
+    most of the image and rendering costs many times what it costs for a real scene. The weights
+    are scaled to the features the head actually receives, so every Gaussian gets its own draw."""
+    from tokengs.models.head import POSITION_Z, inverse_position_activation
+
+    head = model.activation_head
+    features = {}
+    handle = head.register_forward_pre_hook(lambda _, args: features.setdefault("x", args[0]))
+    model.forward_gaussians(batch)
+    handle.remove()
+    x = features["x"].float()
+    centered_norm = float((x - x.mean(dim=(0, 1))).norm(dim=-1).mean())  # |token - mean token|
+    mean_token = x.mean(dim=(0, 1))
+    weight, bias = head.deconv.weight, head.deconv.bias
+    per_gaussian = lambda t: t.view(head.gaussians_per_token, -1, *t.shape[1:])  # [G, 14, ...]
+    w, b = per_gaussian(weight), per_gaussian(bias)
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+
+    def draw(rows: slice, std: float, mean: float) -> None:
+        # output = w·(x - mean_token) + (w·mean_token + b): std over tokens `std`, mean `mean`
+        w[:, rows] = torch.randn(w[:, rows].shape, generator=generator, device=w.device) * (std / centered_norm)
+        b[:, rows] = mean - torch.einsum("grd,d->gr", w[:, rows].float(), mean_token).to(b.dtype)
+
+    r = SPREAD_RAW
+    draw(slice(0, POSITION_Z), r["xy_std"], 0.0)
+    z_raw = inverse_position_activation(r["depth"] - model.opt.gaussian_z_offset)
+    draw(slice(POSITION_Z, POSITION_Z + 1), r["depth_log_std"], z_raw)
+    draw(slice(3, 6), 1.0, 0.0)  # rgb
+    draw(slice(6, 9), r["scale_std"], r["scale_mean"])
+    draw(slice(13, 14), r["opacity_std"], r["opacity_mean"])
+
+
 def forward_flops(model: TokenGS, batch: dict, autocast) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -140,12 +183,14 @@ def profile_step(step: Callable[[], None], device: torch.device, rows: int = 15)
 
 
 def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats: int, profile: bool = False,
-             **switches: bool) -> dict:
+             gaussians: str = "fresh", **switches) -> dict:
     case = CASES[name]
     opt = case_options(case, smoke, **switches)
     torch.manual_seed(0)
     model = TokenGS(opt).to(device)
     batch = random_batch(opt, device)
+    if gaussians == "spread":
+        spread_gaussians(model, batch)
     loss = LossComputer(opt, device=device)
     on_cuda = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else nullcontext
@@ -189,7 +234,7 @@ def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats:
     # would overstate the decoder-only work of tuning, so tuning reports the reconstruction's rate
     multiplier = 3 if case.kind == "train" else 1
     result = {"case": name, "preset": opt_name(case, smoke), "batch_size": opt.batch_size,
-              **switches, "median_ms": median,
+              "gaussians": gaussians, **switches, **tile_statistics(opt, model, batch), "median_ms": median,
               "min_ms": min(times), "max_ms": max(times), "repeats": len(times), "peak_gib": peak,
               "model_tflops": flops * multiplier / (median / 1e3) / 1e12 if case.kind != "ttt" else None,
               "release_ms": None if smoke else RELEASE_MS.get(name), "target_ms": None if smoke else TARGET_MS.get(name)}
@@ -199,6 +244,28 @@ def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats:
     if on_cuda:
         torch.cuda.empty_cache()
     return result
+
+
+@torch.no_grad()
+def tile_statistics(opt, model: TokenGS, batch: dict) -> dict:
+    """What rendering the case's Gaussians costs, in the batch's target views: the mean screen
+    radius (px) of the Gaussians in view, and the (Gaussian, tile) pairs per view that the
+    rasterizer sorts at the options' tile size (their bounding boxes clipped to the image)."""
+    from tokengs.losses import RenderTargets
+    from tokengs.rendering import render
+
+    targets = RenderTargets.from_dict(batch)
+    out = render(model.gaussians(batch), targets.w2c, targets.intrinsics, opt.img_size, opt.bg_rgb, opt.znear,
+                 opt.zfar, backend=opt.render_backend, tile_size=opt.render_tile_size)
+    radii, centers = out.radii.float(), out.means2d.float()  # [B, V, N, 2]
+    visible = (radii > 0).all(-1)
+    tile = opt.render_tile_size
+    grid = torch.tensor([math.ceil(opt.img_size[1] / tile), math.ceil(opt.img_size[0] / tile)], device=radii.device)
+    first = torch.minimum(torch.maximum(((centers - radii) / tile).floor(), torch.zeros_like(grid)), grid)
+    last = torch.minimum(torch.maximum(((centers + radii) / tile).ceil(), torch.zeros_like(grid)), grid)
+    pairs = (last - first).prod(-1) * visible
+    return {"mean_radius_px": float(radii.amax(-1)[visible].mean()) if visible.any() else 0.0,
+            "tile_pairs_per_view": float(pairs.sum() / (radii.shape[0] * radii.shape[1]))}
 
 
 def opt_name(case: Case, smoke: bool) -> str:
@@ -229,6 +296,10 @@ def main(argv=None) -> int:
     parser.add_argument("--activation_checkpointing", action="store_true",
                         help="recompute the backbone's blocks in backward (less memory, more time)")
     parser.add_argument("--compile_blocks", action="store_true", help="torch.compile each backbone block")
+    parser.add_argument("--render_tile_size", type=int, default=16, help="gsplat's tile edge (16 is gsplat's default)")
+    parser.add_argument("--gaussians", choices=("fresh", "spread"), default="fresh",
+                        help="fresh: the untrained model's Gaussians (one clump, each covering much of the image); "
+                             "spread: the head re-drawn so that they spread and shrink like a trained model's")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.smoke and device.type != "cuda":
@@ -238,9 +309,9 @@ def main(argv=None) -> int:
     results = []
     for name in args.cases:
         try:
-            result = run_case(name, args.smoke, device, warmup, repeats, args.profile,
+            result = run_case(name, args.smoke, device, warmup, repeats, args.profile, args.gaussians,
                               activation_checkpointing=args.activation_checkpointing,
-                              compile_blocks=args.compile_blocks)
+                              compile_blocks=args.compile_blocks, render_tile_size=args.render_tile_size)
         except torch.OutOfMemoryError as exc:  # one case too big for this GPU must not hide the others
             print(f"{name}: out of memory ({exc})".splitlines()[0], file=sys.stderr, flush=True)
             torch.cuda.empty_cache()

@@ -200,7 +200,7 @@ def _with_dyn(main: LossOutput, dyn: LossOutput, weight: float) -> LossOutput:
 
 def _render(opt: Options, gaussians: Gaussians, targets: RenderTargets) -> RenderOutput:
     return render(gaussians, targets.w2c, targets.intrinsics, targets.image_hw, opt.bg_rgb, opt.znear, opt.zfar,
-                  backend=opt.render_backend)
+                  backend=opt.render_backend, tile_size=opt.render_tile_size)
 
 
 def _as_targets(targets: TargetsLike) -> RenderTargets:

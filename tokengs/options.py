@@ -134,6 +134,11 @@ class Options:
     # ---- ours (not in the release) ---------------------------------------------------------
     render_backend: str = "auto"
     """Rasterizer: gsplat on CUDA, the pure-PyTorch one on the CPU; auto picks by device."""
+    render_tile_size: int = 16
+    """gsplat's tile edge in pixels (the pure-PyTorch rasterizer ignores it). Speed and memory
+    only: a Gaussian's tile list is its opacity-aware bounding box, outside of which its alpha is
+    below 1/255 and skipped, so any tile size renders the same image. Large Gaussians (fresh
+    models) render faster with 32: each covers fewer tiles to sort."""
     eval_metrics: Tuple[str, ...] = ("psnr", "ssim", "lpips")
     """Metrics evaluation computes; drop lpips when its VGG weights are not available."""
     eval_render_chunk_size: int = 8
@@ -251,6 +256,8 @@ def validate(opt: Options) -> None:
     _one_of(opt, "rgb_loss_type", RGB_LOSS_TYPES)
     _one_of(opt, "render_backend", RENDER_BACKENDS)
     _one_of(opt, "mixed_precision", MIXED_PRECISIONS)
+    # gsplat runs one CUDA block of tile_size² threads per tile, at most 1024 threads
+    _require(1 <= opt.render_tile_size <= 32, f"render_tile_size is {opt.render_tile_size}; use 1 to 32 (16 or 32)")
     for metric in opt.eval_metrics:
         _require(metric in EVAL_METRICS, f"eval_metrics holds {metric!r}; use any of {', '.join(EVAL_METRICS)}")
     for name in ("mean_of_grads_scene_chunk_size", "mean_of_grads_view_chunk_size", "eval_render_chunk_size"):

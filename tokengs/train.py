@@ -32,7 +32,7 @@ log = logging.getLogger("tokengs.train")
 # workspace path too: a moved workspace, or one named by a relative path from elsewhere, resumes).
 RESUMABLE_CHANGES = {"workspace", "num_workers", "print_freq", "log_image_freq", "use_wandb", "resume", "retrain",
                      "save_every_steps", "eval_n_media_dumps", "max_consecutive_load_failures",
-                     "max_consecutive_nonfinite_steps", "render_backend", "activation_checkpointing",
+                     "max_consecutive_nonfinite_steps", "render_backend", "render_tile_size", "activation_checkpointing",
                      "compile_blocks"}
 
 

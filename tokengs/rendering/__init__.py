@@ -29,12 +29,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def render(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int], bg_color: BgColor,
-           znear: float, zfar: float, backend: str = "auto", view_chunk_size: Optional[int] = None) -> RenderOutput:
+           znear: float, zfar: float, backend: str = "auto", view_chunk_size: Optional[int] = None,
+           tile_size: int = 16) -> RenderOutput:
     """Render Gaussians [B, N] into cameras [B, V].
 
     w2c: [B, V, 4, 4] world-to-camera (OpenCV axes); intrinsics: [B, V, 4] (fx, fy, cx, cy) in pixels;
     image_hw: (H, W); bg_color: [3]. view_chunk_size renders that many views per call (bounds memory
-    for many views, e.g. evaluation's 50 targets); None renders all views at once.
+    for many views, e.g. evaluation's 50 targets); None renders all views at once. tile_size: gsplat's
+    tile edge (speed and memory only; the torch backend has no tiles).
     Rendering runs in float32 (float64 stays float64, for gradient checks) with autocast off.
     """
     device = gaussians.means.device
@@ -46,9 +48,10 @@ def render(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tupl
     image_hw = (int(image_hw[0]), int(image_hw[1]))
     num_views = w2c.shape[1]
     step = num_views if view_chunk_size is None else view_chunk_size
+    tiles = {"tile_size": tile_size} if rasterize is render_gsplat else {}
     with torch.autocast(device_type=device.type, enabled=False):
-        parts = [rasterize(gaussians, w2c[:, s:s + step], intrinsics[:, s:s + step], image_hw, background, znear, zfar)
-                 for s in range(0, num_views, step)]
+        parts = [rasterize(gaussians, w2c[:, s:s + step], intrinsics[:, s:s + step], image_hw, background, znear, zfar,
+                           **tiles) for s in range(0, num_views, step)]
     return parts[0] if len(parts) == 1 else RenderOutput.cat(parts, dim=1)
 
 
@@ -62,7 +65,7 @@ def render_chunked(opt, gaussians: Union[Gaussians, Tensor], batch: Mapping[str,
         gaussians = Gaussians.unpack(gaussians)
     w2c = batch["w2c"] if "w2c" in batch else w2c_from_cam_view(batch["cam_view"])
     return render(gaussians, w2c, batch["intrinsics"], opt.img_size, opt.bg_rgb, opt.znear, opt.zfar,
-                  backend=opt.render_backend, view_chunk_size=chunk_size)
+                  backend=opt.render_backend, view_chunk_size=chunk_size, tile_size=opt.render_tile_size)
 
 
 def render_path(opt, gaussians: Gaussians, c2ws: Tensor, intrinsics: Tensor, chunk_size: int = 8) -> Tensor:

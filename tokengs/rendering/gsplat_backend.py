@@ -10,7 +10,7 @@ from .common import EPS2D, RenderOutput, intrinsics_matrices
 
 
 def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
-                  background: Tensor, znear: float, zfar: float) -> RenderOutput:
+                  background: Tensor, znear: float, zfar: float, tile_size: int = 16) -> RenderOutput:
     """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput."""
     from gsplat import rasterization  # imported here: the package needs CUDA to run
 
@@ -21,7 +21,7 @@ def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_h
         means=gaussians.means, quats=gaussians.quats, scales=gaussians.scales, opacities=gaussians.opacities,
         colors=gaussians.colors, viewmats=w2c, Ks=intrinsics_matrices(intrinsics), width=width, height=height,
         near_plane=znear, far_plane=zfar, eps2d=EPS2D, packed=False, render_mode="RGB+ED",
-        backgrounds=background.expand(batch, views, 3),
+        backgrounds=background.expand(batch, views, 3), tile_size=tile_size,
     )  # rendered [B, V, H, W, 4], alphas [B, V, H, W, 1]
     radii = meta["radii"]  # [B, V, N, 2] int32, 0 where culled
     # gsplat leaves means2d of culled Gaussians uninitialised; zero them as the torch backend does
