@@ -186,6 +186,8 @@ def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats:
              gaussians: str = "fresh", **switches) -> dict:
     case = CASES[name]
     opt = case_options(case, smoke, **switches)
+    if opt.compile_blocks:  # a fresh compile per case, as in a run: the recompile limit counts across cases
+        torch._dynamo.reset()
     torch.manual_seed(0)
     model = TokenGS(opt).to(device)
     batch = random_batch(opt, device)
