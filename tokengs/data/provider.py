@@ -127,7 +127,9 @@ def preprocess_views(opt, rgbs: Tensor, masks: Optional[Tensor], depths: Optiona
     images_all [V, 3, H, W] and its parts images_input / images_output; intrinsics_all [V, 4]
     and intrinsics_input / intrinsics; cam_view_all [V, 4, 4] and cam_view_input / cam_view;
     cam_to_world_input [V_in, 4, 4]; rays_os, rays_ds [V, 3, H, W]; masks_all [V, 1, H, W],
-    masks_output; has_mask (bool tensor); timesteps [V].
+    masks_output; has_mask (bool tensor); timesteps [V]. The targets (images_output, intrinsics,
+    cam_view, masks_output) are the views after the context, or in training with
+    opt.use_input_supervision every view, the context first.
     """
     n_in = opt.num_input_views
     out_hw = tuple(opt.img_size)
@@ -163,14 +165,16 @@ def preprocess_views(opt, rgbs: Tensor, masks: Optional[Tensor], depths: Optiona
         channels.append(embedding[:, :, None, None].expand(-1, -1, height, width))
     channels.append(cameras.plucker(rays_o, rays_d))
 
+    first_target = 0 if training and opt.use_input_supervision else n_in
     return {
         "input": torch.cat(channels, 1),
-        "images_all": images, "images_input": images[:n_in], "images_output": images[n_in:],
-        "intrinsics_all": intrinsics_out, "intrinsics_input": intrinsics_out[:n_in], "intrinsics": intrinsics_out[n_in:],
-        "cam_view_all": cam_view, "cam_view_input": cam_view[:n_in], "cam_view": cam_view[n_in:],
+        "images_all": images, "images_input": images[:n_in], "images_output": images[first_target:],
+        "intrinsics_all": intrinsics_out, "intrinsics_input": intrinsics_out[:n_in],
+        "intrinsics": intrinsics_out[first_target:],
+        "cam_view_all": cam_view, "cam_view_input": cam_view[:n_in], "cam_view": cam_view[first_target:],
         "cam_to_world_input": c2ws[:n_in],
         "rays_os": rays_o, "rays_ds": rays_d,
-        "masks_all": masks_out, "masks_output": masks_out[n_in:],
+        "masks_all": masks_out, "masks_output": masks_out[first_target:],
         "has_mask": torch.tensor(has_mask),
         "timesteps": timesteps.float(),
     }
