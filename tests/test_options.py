@@ -84,6 +84,7 @@ BAD = [
     (dict(num_dynamic_gs_tokens=2000, img_size=(256, 256)), "num_dynamic_gs_tokens"),
     (dict(evaluating=True, use_input_supervision=True), "use_input_supervision"),
     (dict(render_tile_size=64), "render_tile_size"),
+    (dict(model_type="lvsm"), "model_type"),
 ]
 
 

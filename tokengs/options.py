@@ -249,6 +249,7 @@ def validate(opt: Options) -> None:
     _require(not (opt.deferred_bp and opt.mean_of_grads != "none"),
              "deferred_bp and mean_of_grads both change backpropagation and cannot be combined; "
              "turn off --deferred_bp or set --mean_of_grads none")
+    _one_of(opt, "model_type", ("tokengs",))  # the release's only model
     _one_of(opt, "ttt_mode", tuple(TTT_MODES))
     _one_of(opt, "camera_normalization_method", CAMERA_NORMALIZATION_METHODS)
     _one_of(opt, "camera_scale_method", CAMERA_SCALE_METHODS)
