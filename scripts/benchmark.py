@@ -114,7 +114,7 @@ def spread_gaussians(model: TokenGS, batch: dict) -> None:
     model's (SPREAD_RAW) instead of sitting in one clump in front of the cameras, where each covers
     most of the image and rendering costs many times what it costs for a real scene. The weights
     are scaled to the features the head actually receives, so every Gaussian gets its own draw."""
-    from tokengs.models.head import POSITION_Z, inverse_position_activation
+    from tokengs.models.head import POSITION_Z, RAW_LAYOUT, inverse_position_activation
 
     head = model.activation_head
     features = {}
@@ -134,13 +134,16 @@ def spread_gaussians(model: TokenGS, batch: dict) -> None:
         w[:, rows] = torch.randn(w[:, rows].shape, generator=generator, device=w.device) * (std / centered_norm)
         b[:, rows] = mean - torch.einsum("grd,d->gr", w[:, rows].float(), mean_token).to(b.dtype)
 
+    ends = torch.tensor([width for _, width in RAW_LAYOUT]).cumsum(0).tolist()
+    rows = {name: slice(end - width, end) for (name, width), end in zip(RAW_LAYOUT, ends)}
     r = SPREAD_RAW
-    draw(slice(0, POSITION_Z), r["xy_std"], 0.0)
+    position = rows["position"]
+    draw(slice(position.start, position.start + POSITION_Z), r["xy_std"], 0.0)
     z_raw = inverse_position_activation(r["depth"] - model.opt.gaussian_z_offset)
-    draw(slice(POSITION_Z, POSITION_Z + 1), r["depth_log_std"], z_raw)
-    draw(slice(3, 6), 1.0, 0.0)  # rgb
-    draw(slice(6, 9), r["scale_std"], r["scale_mean"])
-    draw(slice(13, 14), r["opacity_std"], r["opacity_mean"])
+    draw(slice(position.start + POSITION_Z, position.stop), r["depth_log_std"], z_raw)
+    draw(rows["rgb"], 1.0, 0.0)
+    draw(rows["scale"], r["scale_std"], r["scale_mean"])
+    draw(rows["opacity"], r["opacity_std"], r["opacity_mean"])
 
 
 def forward_flops(model: TokenGS, batch: dict, autocast) -> float:

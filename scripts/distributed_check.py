@@ -84,8 +84,7 @@ def make_data(root: Path, layout: str, scenes: int, frames: int, seed: int, size
 def train_command(processes: int, gpus: int, data: Path, workspace: Path, args) -> list[str]:
     # one process takes the multi-process run's global batch by accumulating `gpus` batches per step
     accumulate = gpus if processes == 1 else 1
-    size = SMOKE if args.smoke else FULL
-    return [*launch(processes, args.smoke), "-m", "tokengs.train", size["preset"], "--workspace", str(workspace),
+    return [*launch(processes, args.smoke), "-m", "tokengs.train", args.size["preset"], "--workspace", str(workspace),
             "--dataset_kwargs", "root_path", str(data), "--data_mode", "dl3dv_scaled_0.15", "100",
             "--batch_size", str(args.batch_size), "--gradient_accumulation_steps", str(accumulate),
             "--max_iters_per_epoch", str(args.steps * accumulate), "--num_epochs", "1",
@@ -118,7 +117,7 @@ def check_training(args, out: Path, data: Path, report: dict) -> None:
     writers = {p.stem: sorted({line.split("\t")[-1].replace(str(many), "<ws>") for line in p.read_text().splitlines()})
                for p in sorted(records.glob("rank*.txt"))}
     report["train"] = {
-        "preset": (SMOKE if args.smoke else FULL)["preset"], "gpus": args.gpus, "batch_per_process": args.batch_size, "global_batch": global_batch,
+        "preset": args.size["preset"], "gpus": args.gpus, "batch_per_process": args.batch_size, "global_batch": global_batch,
         "steps": args.steps, "samples_per_s": rates,
         "scaling": rates[f"{args.gpus}_processes"] / rates["one_process"],
         "wall_s": {"one_process": wall_one, f"{args.gpus}_processes": wall_many},
@@ -165,7 +164,7 @@ def check_evaluation(args, out: Path, eval_root: Path, report: dict) -> None:
     for processes in (1, args.gpus):
         workspace = out / f"eval_{processes}"
         shutil.rmtree(workspace, ignore_errors=True)
-        run([*launch(processes, args.smoke), "-m", "tokengs.evaluate", (SMOKE if args.smoke else FULL)["eval_preset"],
+        run([*launch(processes, args.smoke), "-m", "tokengs.evaluate", args.size["eval_preset"],
              "--workspace", str(workspace),
              "--resume", str(model), "--dataset_kwargs", "root_path", str(eval_root), "--eval_metrics", "psnr", "ssim",
              "--eval_n_media_dumps", "1"], out / f"eval_{processes}.log")
@@ -199,7 +198,7 @@ def main() -> None:
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     stages = args.only or ["train", "resume", "eval"]
     start = time.perf_counter()
-    size = SMOKE if args.smoke else FULL
+    args.size = size = SMOKE if args.smoke else FULL
     context = get_preset(size["eval_preset"]).num_input_views
     make_data(args.data / "dl3dv", "dl3dv", args.train_scenes, 32, 11, size, context)
     if "eval" in stages:
