@@ -144,6 +144,17 @@ def test_generator_in_parallel_writes_the_same_scenes(tmp_path, layout):
     assert file_bytes(tmp_path / "parallel") == file_bytes(tmp_path / "serial")
 
 
+def test_generator_workers_that_cannot_start_fail_fast(tmp_path):
+    # spawned workers re-import the caller's main module; from stdin they die at start-up, which
+    # a multiprocessing.Pool answers by starting new ones forever
+    script = (f"from tokengs.data.synthetic import generate\n"
+              f"generate('dl3dv_eval', {str(tmp_path)!r}, 2, frames=3, height=12, width=20, workers=2)\n")
+    result = subprocess.run([sys.executable, "-"], input=script, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "workers=1" in result.stderr and "__main__" in result.stderr
+
+
 def test_synthetic_cli_writes_a_readable_root(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tokengs.data.synthetic", "--layout", "dl3dv_eval", "--out",
                              str(tmp_path), "--scenes", "1", "--frames", "4", "--height", "12", "--width", "20"],

@@ -32,6 +32,8 @@ import multiprocessing
 import tarfile
 import time
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -566,8 +568,17 @@ def generate(layout: str, out, scenes: int, seed: int = 0, frames: Optional[int]
     make = functools.partial(_write_scene, layout, out, seed, frames, hw, cameras_per_scene)
     bar = dict(total=scenes, desc=f"synthetic {layout} scenes", disable=not progress, dynamic_ncols=True)
     if workers > 1 and scenes > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, scenes)) as pool:
-            made = list(tqdm(pool.imap(make, range(scenes)), **bar))
+        # an executor, not multiprocessing.Pool: a Pool replaces workers that die at start-up
+        # forever, so a caller whose main module cannot be re-imported would hang
+        spawn = multiprocessing.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(min(workers, scenes), mp_context=spawn) as pool:
+                made = list(tqdm(pool.map(make, range(scenes)), **bar))
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                f"generate(workers={workers}): the worker processes died. Spawned workers re-import the "
+                "caller's main module, so call generate from a script file under `if __name__ == "
+                "'__main__':` (not from a script read from stdin), or pass workers=1") from exc
     else:
         made = [make(i) for i in tqdm(range(scenes), **bar)]
     if layout == "dl3dv_eval":
