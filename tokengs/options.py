@@ -323,7 +323,7 @@ _DEMO = dict(_TINY, img_size=(48, 80), enc_embed_dim=128, token_dim=128, enc_dep
 _DEMO_GPU = dict(_DEMO, img_size=(96, 160), enc_embed_dim=256, token_dim=256, enc_num_heads=8, enc_depth=6,
                  dec_depth=4, num_gs_tokens=1024, batch_size=16, num_workers=4, mixed_precision="bf16",
                  num_epochs=16, max_iters_per_epoch=25, pct_start_steps=100, save_every_steps=500,
-                 data_mode=(("dl3dv_scaled_0.25", 10),))  # 10 repeats: 25-step epochs, 16 validations
+                 data_mode=(("dl3dv_scaled_0.25", 10),))  # 10 repeats of 32 training rooms: 20-step epochs, 16 validations
 _RE10K = dict(img_size=(256, 256), num_input_views=2, num_views=6, data_mode=(("re10k", 1),),
               camera_scale_method="distance")
 
@@ -383,7 +383,7 @@ _PRESETS.update({
                              lambda_dyn_aux_decay_steps=4)),
     "demo": ("The demo's model on synthetic DL3DV-layout rooms: 80 steps, about five minutes on a 2-core CPU.",
              _DEMO),
-    "demo_gpu": ("The demo's larger model for a GPU: 96x160 images, 1024 tokens, 400 steps.", _DEMO_GPU),
+    "demo_gpu": ("The demo's larger model for a GPU: 96x160 images, 1024 tokens, 320 steps.", _DEMO_GPU),
 })
 
 config_doc: Dict[str, str] = {name: doc for name, (doc, _) in _PRESETS.items()}
