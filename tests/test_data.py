@@ -144,6 +144,19 @@ def test_generator_in_parallel_writes_the_same_scenes(tmp_path, layout):
     assert file_bytes(tmp_path / "parallel") == file_bytes(tmp_path / "serial")
 
 
+def test_generator_without_its_photographs_says_what_to_install(tmp_path, monkeypatch):
+    # the textures must not silently change with what is installed: a seed makes one dataset
+    from tokengs.data import synthetic
+
+    monkeypatch.setitem(sys.modules, "skimage.data", None)  # import skimage.data now fails
+    synthetic._photographs.cache_clear()
+    try:
+        with pytest.raises(ImportError, match="pip install scikit-image"):
+            generate("dl3dv_eval", tmp_path, 1, frames=3, height=12, width=20)
+    finally:
+        synthetic._photographs.cache_clear()
+
+
 def test_generator_workers_that_cannot_start_fail_fast(tmp_path):
     # spawned workers re-import the caller's main module; from stdin they die at start-up, which
     # a multiprocessing.Pool answers by starting new ones forever

@@ -5,8 +5,8 @@ download.
         [--seed S --frames F --height H --width W --cameras C --eval-context K]
 
 A scene is a handful of textured primitives (a room or a ground and a sky dome, boxes, spheres)
-ray-cast with numpy through pixel centers; textures are scikit-image's sample photographs when
-scikit-image is installed, else procedural patterns. Camera paths follow each dataset: a walk
+ray-cast with numpy through pixel centers; textures are scikit-image's sample photographs (a
+dependency, so that a seed makes the same scenes on every install). Camera paths follow each dataset: a walk
 through a room (DL3DV), forward motion down a long room (RealEstate10K), static cameras on a ring
 around moving objects (Kubric). Output is deterministic for a seed.
 
@@ -59,10 +59,12 @@ UP = np.array([0.0, 0.0, 1.0])  # the generator's world is z-up
 
 @functools.lru_cache(maxsize=1)
 def _photographs() -> Tuple[np.ndarray, ...]:
+    """Nine uint8 RGB photographs shipped inside scikit-image (no download)."""
     try:
         import skimage.data as samples
-    except ImportError:
-        return ()
+    except ImportError as exc:
+        raise ImportError("the synthetic scenes are textured with scikit-image's sample photographs; "
+                          "`pip install scikit-image` (a dependency of tokengs)") from exc
     colour = [samples.astronaut(), samples.coffee(), samples.chelsea(), samples.rocket(),
               samples.immunohistochemistry(), samples.colorwheel()]
     tinted = [(samples.brick(), (0.85, 0.55, 0.45)), (samples.grass(), (0.45, 0.8, 0.4)),
@@ -72,21 +74,12 @@ def _photographs() -> Tuple[np.ndarray, ...]:
     return tuple(images)
 
 
-def _procedural(rng: np.random.Generator, size: int = 128) -> np.ndarray:
-    y, x = np.mgrid[0:size, 0:size] / size
-    checks = ((np.floor(x * 8) + np.floor(y * 8)) % 2)[..., None]
-    a, b = rng.uniform(0.15, 0.95, 3), rng.uniform(0.15, 0.95, 3)
-    wave = 0.5 + 0.5 * np.sin(2 * np.pi * (rng.integers(1, 5) * x + rng.integers(1, 5) * y))[..., None]
-    return np.clip(checks * a + (1 - checks) * b * (0.6 + 0.4 * wave), 0, 1)
-
-
-def make_textures(rng: np.random.Generator, width: int) -> List[np.ndarray]:
+def make_textures(width: int) -> List[np.ndarray]:
     """Float [h, w, 3] textures in [0, 1], prefiltered to about the image width (no aliasing
     when a surface fills the view)."""
-    images = [image.astype(np.float32) / 255.0 for image in _photographs()]
-    images += [_procedural(rng).astype(np.float32) for _ in range(max(0, 8 - len(images)))]
     side = int(np.clip(width, 64, 512))
-    return [cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA) for image in images]
+    return [cv2.resize(image.astype(np.float32) / 255.0, (side, side), interpolation=cv2.INTER_AREA)
+            for image in _photographs()]
 
 
 def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
@@ -484,7 +477,7 @@ def write_re10k(out: Path, scenes: int, seed: int, frames: int, hw, per_chunk: i
             for i in range(first, min(first + per_chunk, count)):
                 rng = _scene_rng(seed, f"re10k-{split}", i)
                 name = _scene_name(f"re10k-{split}", seed, i)[:16]
-                scene, generated = write_re10k_scene(rng, make_textures(rng, hw[1]), name, frames, hw)
+                scene, generated = write_re10k_scene(rng, make_textures(hw[1]), name, frames, hw)
                 generated.path = folder / chunk_name
                 chunk.append(scene)
                 made.append(generated)
@@ -591,7 +584,7 @@ def generate(layout: str, out, scenes: int, seed: int = 0, frames: Optional[int]
 def _write_scene(layout: str, out: Path, seed: int, frames: int, hw, cameras_per_scene: int,
                  index: int) -> GeneratedScene:
     rng = _scene_rng(seed, layout, index)
-    textures = make_textures(rng, hw[1])
+    textures = make_textures(hw[1])
     if layout == "kubric":
         return write_kubric(out, rng, textures, index, seed, frames, hw, cameras_per_scene)
     return write_dl3dv(out, rng, textures, index, seed, frames, hw, evaluation=layout == "dl3dv_eval")
