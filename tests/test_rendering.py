@@ -12,7 +12,7 @@ import torch
 
 from tokengs.gaussians import PLY_MIN_OPACITY, Gaussians, load_ply, save_ply
 from tokengs.rendering import render, resolve_backend
-from tokengs.rendering.parity import random_scene
+from tokengs.rendering.parity import random_cases, random_scene
 from tokengs.rendering.torch_backend import project_gaussians
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_gradients_reach_every_field_of_a_batch():
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, time, torch
     from tokengs.rendering import render
-    from tokengs.rendering.parity import random_scene
+    from tokengs.rendering.parity import random_cases, random_scene
     torch.set_num_threads(2)
     scene = random_scene("mem", 1, 20000, 1, (64, 64), seed=0, scale_range=(0.02, 0.12))
     gaussians = scene.gaussians.map(lambda t: t.requires_grad_())
@@ -231,3 +231,37 @@ def test_ply_round_trip_drops_faint_gaussians(tmp_path):
                      "rot_0", "rot_1", "rot_2", "rot_3"]
     with pytest.raises(ValueError, match="one scene"):
         save_ply(scene.gaussians, path)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="gsplat needs CUDA: measured on a GPU machine"))])
+@pytest.mark.parametrize("case", random_cases(), ids=lambda scene: scene.name)
+def test_tile_size_changes_nothing_but_speed(case, device, monkeypatch):
+    """Either rasterizer (the torch one on the CPU, gsplat on CUDA) with 32-pixel tiles against 16:
+    the same images, alphas and depths (a Gaussian outside its opacity-aware box has alpha below
+    1/255 and is skipped, whatever tiles it is listed in), and the same gradients up to the order
+    of floating-point sums."""
+    from tokengs.rendering import torch_backend
+
+    tiles = []  # the torch rasterizer's tiles, to see that the size reached it
+    monkeypatch.setattr(torch_backend, "_tile_pixels", lambda *a, _f=torch_backend._tile_pixels: tiles.append(1) or _f(*a))
+    case = case.to(device)
+    outputs, grads, counts = [], [], []
+    for tile_size in (16, 32):
+        tiles.clear()
+        gaussians = case.gaussians.map(lambda t: t.detach().clone().requires_grad_(True))
+        out = render(gaussians, case.w2c, case.intrinsics, case.image_hw, case.bg_color, case.znear, case.zfar,
+                     tile_size=tile_size)
+        weights = torch.linspace(0.5, 1.5, out.images.numel(), device=device).view_as(out.images)
+        ((out.images * weights).sum() + out.depths.sum() + out.alphas.sum()).backward()
+        outputs.append(out)
+        grads.append({name: getattr(gaussians, name).grad for name in ("means", "scales", "quats", "opacities", "colors")})
+        counts.append(len(tiles))
+    if device == "cpu":
+        assert counts[1] < counts[0], counts
+    for name in ("images", "alphas", "depths"):
+        a, b = getattr(outputs[0], name), getattr(outputs[1], name)
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (name, float((a - b).abs().max()))
+    for name, grad in grads[0].items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        assert float((grad - grads[1][name]).abs().max() / scale) < 1e-4, name

@@ -135,7 +135,7 @@ class Options:
     render_backend: str = "auto"
     """Rasterizer: gsplat on CUDA, the pure-PyTorch one on the CPU; auto picks by device."""
     render_tile_size: int = 16
-    """gsplat's tile edge in pixels (the pure-PyTorch rasterizer ignores it). Speed and memory
+    """The rasterizer's tile edge in pixels (gsplat's and the pure-PyTorch one's). Speed and memory
     only: a Gaussian's tile list is its opacity-aware bounding box, outside of which its alpha is
     below 1/255 and skipped, so any tile size renders the same image. Large Gaussians (fresh
     models) render faster with 32: each covers fewer tiles to sort."""
@@ -323,7 +323,7 @@ _DEMO = dict(_TINY, img_size=(48, 80), enc_embed_dim=128, token_dim=128, enc_dep
 _DEMO_GPU = dict(_DEMO, img_size=(96, 160), enc_embed_dim=256, token_dim=256, enc_num_heads=8, enc_depth=6,
                  dec_depth=4, num_gs_tokens=1024, batch_size=16, num_workers=4, mixed_precision="bf16",
                  num_epochs=16, max_iters_per_epoch=25, pct_start_steps=100, save_every_steps=500,
-                 data_mode=(("dl3dv_scaled_0.25", 10),))  # 10 repeats of 32 training rooms: 20-step epochs, 16 validations
+                 data_mode=(("dl3dv_scaled_0.25", 10),))  # 10 x 32 training rooms: 20-step epochs, 16 validations
 _RE10K = dict(img_size=(256, 256), num_input_views=2, num_views=6, data_mode=(("re10k", 1),),
               camera_scale_method="distance")
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..gaussians import Gaussians
-from .common import BgColor, RenderOutput, background_tensor, intrinsics_matrices, w2c_from_cam_view
+from .common import TILE_SIZE, BgColor, RenderOutput, background_tensor, intrinsics_matrices, w2c_from_cam_view
 from .gsplat_backend import render_gsplat
 from .torch_backend import render_torch
 
@@ -30,13 +30,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def render(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int], bg_color: BgColor,
            znear: float, zfar: float, backend: str = "auto", view_chunk_size: Optional[int] = None,
-           tile_size: int = 16) -> RenderOutput:
+           tile_size: int = TILE_SIZE) -> RenderOutput:
     """Render Gaussians [B, N] into cameras [B, V].
 
     w2c: [B, V, 4, 4] world-to-camera (OpenCV axes); intrinsics: [B, V, 4] (fx, fy, cx, cy) in pixels;
     image_hw: (H, W); bg_color: [3]. view_chunk_size renders that many views per call (bounds memory
-    for many views, e.g. evaluation's 50 targets); None renders all views at once. tile_size: gsplat's
-    tile edge (speed and memory only; the torch backend has no tiles).
+    for many views, e.g. evaluation's 50 targets); None renders all views at once. tile_size: the
+    rasterizer's tile edge in pixels (speed and memory only).
     Rendering runs in float32 (float64 stays float64, for gradient checks) with autocast off.
     """
     device = gaussians.means.device
@@ -48,10 +48,9 @@ def render(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tupl
     image_hw = (int(image_hw[0]), int(image_hw[1]))
     num_views = w2c.shape[1]
     step = num_views if view_chunk_size is None else view_chunk_size
-    tiles = {"tile_size": tile_size} if rasterize is render_gsplat else {}
     with torch.autocast(device_type=device.type, enabled=False):
         parts = [rasterize(gaussians, w2c[:, s:s + step], intrinsics[:, s:s + step], image_hw, background, znear, zfar,
-                           **tiles) for s in range(0, num_views, step)]
+                           tile_size) for s in range(0, num_views, step)]
     return parts[0] if len(parts) == 1 else RenderOutput.cat(parts, dim=1)
 
 

@@ -6,11 +6,11 @@ import torch
 from torch import Tensor
 
 from ..gaussians import Gaussians
-from .common import EPS2D, RenderOutput, intrinsics_matrices
+from .common import EPS2D, TILE_SIZE, RenderOutput, intrinsics_matrices
 
 
 def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
-                  background: Tensor, znear: float, zfar: float, tile_size: int = 16) -> RenderOutput:
+                  background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE) -> RenderOutput:
     """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput."""
     from gsplat import rasterization  # imported here: the package needs CUDA to run
 

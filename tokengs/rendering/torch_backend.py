@@ -4,7 +4,7 @@ Steps, as gsplat's "RGB+ED" rasterization with packed=False, eps2d 0.3, antialia
 1. `project_gaussians`: EWA projection of every Gaussian into every camera, with gsplat's
    frustum-clamped Jacobian, the eps2d dilation, near/far and opacity culling and the
    opacity-aware footprint radius.
-2. `rasterize_view`: per 16x16 tile, the Gaussians whose footprint box touches the tile, front
+2. `rasterize_view`: per tile (16x16 by default), the Gaussians whose footprint box touches the tile, front
    to back by camera z, composited per pixel (`composite`): alpha = min(0.999, o exp(-sigma)),
    skipped below 1/255, stopping before the Gaussian that takes the transmittance to 1e-4 or
    below. Depth is composited as a fourth colour channel, like gsplat.
@@ -130,11 +130,11 @@ def composite(pixels: Tensor, means2d: Tensor, conics: Tensor, opacities: Tensor
     return weights @ features, transmittance[:, -1]
 
 
-def _tile_pixels(ty: int, tx: int, image_hw: tuple[int, int], like: Tensor) -> tuple[Tensor, tuple[int, int]]:
+def _tile_pixels(ty: int, tx: int, tile_size: int, image_hw: tuple[int, int], like: Tensor) -> tuple[Tensor, tuple[int, int]]:
     """Pixel centers (x + 0.5, y + 0.5) of one tile, row-major [h * w, 2], and the tile's (h, w)."""
     height, width = image_hw
-    ys = torch.arange(ty * TILE_SIZE, min((ty + 1) * TILE_SIZE, height), dtype=like.dtype, device=like.device) + 0.5
-    xs = torch.arange(tx * TILE_SIZE, min((tx + 1) * TILE_SIZE, width), dtype=like.dtype, device=like.device) + 0.5
+    ys = torch.arange(ty * tile_size, min((ty + 1) * tile_size, height), dtype=like.dtype, device=like.device) + 0.5
+    xs = torch.arange(tx * tile_size, min((tx + 1) * tile_size, width), dtype=like.dtype, device=like.device) + 0.5
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2), (len(ys), len(xs))
 
@@ -153,25 +153,27 @@ def _composite_chunked(pixels: Tensor, means2d: Tensor, conics: Tensor, opacitie
 
 
 def rasterize_view(means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor, depths: Tensor,
-                   radii: Tensor, visible: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """One camera: per-Gaussian [N, ...] inputs -> accumulated features [H, W, F], transmittance [H, W]."""
+                   radii: Tensor, visible: Tensor, image_hw: tuple[int, int], tile_size: int = TILE_SIZE
+                   ) -> tuple[Tensor, Tensor]:
+    """One camera: per-Gaussian [N, ...] inputs -> accumulated features [H, W, F], transmittance [H, W].
+    The tile size changes only the work: a Gaussian is skipped where its alpha is below 1/255."""
     height, width = image_hw
     ids = visible.nonzero().squeeze(1)
     ids = ids[torch.sort(depths[ids].detach(), stable=True).indices]  # front to back; ties keep index order
     means2d, conics, opacities, features = means2d[ids], conics[ids], opacities[ids], features[ids]
     with torch.no_grad():
-        # the tiles each box touches: [floor((m - r) / 16), ceil((m + r) / 16)), as gsplat's intersection
-        center = means2d / TILE_SIZE
-        reach = radii[ids].to(means2d.dtype) / TILE_SIZE
+        # the tiles each box touches: [floor((m - r) / tile), ceil((m + r) / tile)), as gsplat's intersection
+        center = means2d / tile_size
+        reach = radii[ids].to(means2d.dtype) / tile_size
         tile_lo = torch.floor(center - reach)
         tile_hi = torch.ceil(center + reach)
     rows = []
-    for ty in range(math.ceil(height / TILE_SIZE)):
+    for ty in range(math.ceil(height / tile_size)):
         row = []
-        for tx in range(math.ceil(width / TILE_SIZE)):
+        for tx in range(math.ceil(width / tile_size)):
             touches = (tile_lo[:, 0] <= tx) & (tx < tile_hi[:, 0]) & (tile_lo[:, 1] <= ty) & (ty < tile_hi[:, 1])
             sel = touches.nonzero().squeeze(1)
-            pixels, (h, w) = _tile_pixels(ty, tx, image_hw, means2d)
+            pixels, (h, w) = _tile_pixels(ty, tx, tile_size, image_hw, means2d)
             acc, trans = _composite_chunked(pixels, means2d[sel], conics[sel], opacities[sel], features[sel])
             row.append(torch.cat([acc, trans[:, None]], dim=-1).reshape(h, w, -1))
         rows.append(torch.cat(row, dim=1))
@@ -180,7 +182,7 @@ def rasterize_view(means2d: Tensor, conics: Tensor, opacities: Tensor, features:
 
 
 def render_torch(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
-                 background: Tensor, znear: float, zfar: float) -> RenderOutput:
+                 background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE) -> RenderOutput:
     """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput."""
     proj = project_gaussians(gaussians, w2c, intrinsics, image_hw, znear, zfar)
     num_views = w2c.shape[1]
@@ -190,7 +192,7 @@ def render_torch(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw
             # depth rides along as a fourth colour, as in gsplat's RGB+D mode
             features = torch.cat([gaussians.colors[b], proj.depths[b, v, :, None]], dim=-1)
             views.append(rasterize_view(proj.means2d[b, v], proj.conics[b, v], gaussians.opacities[b], features,
-                                        proj.depths[b, v], proj.radii[b, v], proj.visible[b, v], image_hw))
+                                        proj.depths[b, v], proj.radii[b, v], proj.visible[b, v], image_hw, tile_size))
     accumulated = torch.stack([acc for acc, _ in views]).unflatten(0, (-1, num_views))  # [B, V, H, W, 4]
     transmittance = torch.stack([t for _, t in views]).unflatten(0, (-1, num_views))[..., None]  # [B, V, H, W, 1]
     images = accumulated[..., :3] + transmittance * background
