@@ -85,21 +85,20 @@ def room_scores(scene: GeneratedScene) -> dict[str, float]:
     context_frames = (0, frames - 1)
     mean = images[list(context_frames)].mean(axis=(0, 1, 2))
     median_depth = float(np.median(scene.depths[list(context_frames)]))
-    blurred = {sigma: {c: cv2.GaussianBlur(images[c], (0, 0), sigma) if sigma else images[c] for c in context_frames}
-               for sigma in BLUR_SIGMAS}
-    context_depths = {c: scene.depths[c] for c in context_frames}
+    # context views with their cameras: sharp (blur 0) and blurred
+    contexts = {sigma: {c: (cv2.GaussianBlur(images[c], (0, 0), sigma) if sigma else images[c], scene.c2ws[c])
+                        for c in context_frames} for sigma in BLUR_SIGMAS}
+    context, context_depths = contexts[0], {c: scene.depths[c] for c in context_frames}
     predictions: dict[str, list] = {}
     for t in range(frames):
         order = sorted(context_frames, key=lambda c: abs(t - c))
         c2w, intrinsics = scene.c2ws[t], scene.intrinsics[t]
-        context = {c: (images[c], scene.c2ws[c]) for c in context_frames}
         row = {"mean_colour": np.broadcast_to(mean, images[t].shape), "nearest_context": images[order[0]],
                "true_depth": warp(scene.depths[t], c2w, intrinsics, context, mean, order),
                "true_depth_occlusion": warp(scene.depths[t], c2w, intrinsics, context, mean, order, context_depths)}
         for sigma in BLUR_SIGMAS:
-            blurred_context = {c: (blurred[sigma][c], scene.c2ws[c]) for c in context_frames}
             row[f"constant_depth_blur{sigma}"] = warp(np.full_like(scene.depths[t], median_depth), c2w, intrinsics,
-                                                      blurred_context, mean, order)
+                                                      contexts[sigma], mean, order)
         for name, prediction in row.items():
             predictions.setdefault(name, []).append(prediction)
     return {name: psnr(np.stack(p), images) for name, p in predictions.items()}
