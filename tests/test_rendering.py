@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokengs.gaussians import PLY_MIN_OPACITY, Gaussians, load_ply, save_ply
-from tokengs.rendering import render, resolve_backend
+from tokengs.rendering import background_tensor, render, resolve_backend
 from tokengs.rendering.parity import random_cases, random_scene
 from tokengs.rendering.torch_backend import project_gaussians
 
@@ -265,3 +265,23 @@ def test_tile_size_changes_nothing_but_speed(case, device, monkeypatch):
     for name, grad in grads[0].items():
         scale = grad.abs().max().clamp_min(1e-12)
         assert float((grad - grads[1][name]).abs().max() / scale) < 1e-4, name
+
+
+def test_background_from_values_is_checked_and_placed():
+    like = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(background_tensor((0.25, 0.5, 1.0), like), torch.tensor([0.25, 0.5, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="bg_color must be 3 values"):
+        background_tensor((0.5, 0.5), like)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on CUDA: checked on a GPU machine")
+def test_background_reaches_the_gpu_without_waiting_for_it():
+    """A copy from pageable memory waits for every queued kernel: once per render in every
+    training and tuning step. The background goes through pinned memory instead."""
+    like = torch.zeros(3, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bg = background_tensor((0.25, 0.5, 1.0), like)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bg.device == like.device and bg.tolist() == [0.25, 0.5, 1.0]

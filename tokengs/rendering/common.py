@@ -57,7 +57,13 @@ def intrinsics_matrices(intrinsics: Tensor) -> Tensor:
 
 def background_tensor(bg_color: BgColor, like: Tensor) -> Tensor:
     """A background colour as a [3] tensor on `like`'s device and dtype."""
-    bg = torch.as_tensor(bg_color, dtype=like.dtype, device=like.device)
+    bg = torch.as_tensor(bg_color, dtype=like.dtype)
     if bg.shape != (3,):
         raise ValueError(f"bg_color must be 3 values (rgb), got shape {tuple(bg.shape)}")
+    if like.is_cuda and bg.device.type == "cpu":
+        # a copy from pageable memory would wait for every queued kernel (one stall per render);
+        # from pinned memory it is queued like a kernel
+        bg = bg.pin_memory().to(like.device, non_blocking=True)
+    else:
+        bg = bg.to(like.device)
     return bg
