@@ -67,3 +67,46 @@ def test_compiled_blocks_give_the_same_outputs_and_gradients():
             continue
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), compiled_grads[name].flatten(), dim=0)
         assert cosine > 0.9999, (name, float(cosine))
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_scene_latent_tuning_replays_a_cuda_graph_with_the_same_steps(bf16, monkeypatch):
+    """ttt_cuda_graph: scene-latent tuning captures its decode once and replays it. The loss of
+    every step and the tuned Gaussians match the plain loop's; token-tuning never captures."""
+    import sys
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import benchmark
+    from tokengs.losses import LossComputer
+    from tokengs.models import TokenGS, ttt
+
+    device = torch.device("cuda")
+    captures = []
+    capture = torch.cuda.make_graphed_callables
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda *a, **k: captures.append(1) or capture(*a, **k))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+    for case, graphs in (("ttt_latent", 1), ("ttt_6view", 0)):
+        opt = benchmark.case_options(benchmark.CASES[case], smoke=True).evolve(ttt_n_steps=6, ttt_lr=1e-2)
+        torch.manual_seed(0)
+        model = TokenGS(opt).to(device).eval()
+        batch = benchmark.random_batch(opt, device)
+        loss = LossComputer(opt, device=device)
+        weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+        runs = []
+        for use_graph in (False, True):
+            captures.clear()
+            losses = []
+            record = lambda packed, targets: losses.append(loss(packed, targets)) or losses[-1]
+            with autocast():
+                with torch.no_grad():
+                    encoding = model.encode(batch)
+                tuned = ttt.test_time_tune(model, encoding, batch, opt.evolve(ttt_cuda_graph=use_graph), record)
+            runs.append((torch.stack([out.loss.detach() for out in losses]), tuned.float()))
+            assert len(captures) == (graphs if use_graph else 0), case
+        (plain_losses, plain), (graph_losses, graphed) = runs
+        tolerance = 2e-2 if bf16 else 1e-4
+        assert torch.allclose(graph_losses, plain_losses, rtol=tolerance), (case, plain_losses, graph_losses)
+        assert float((graphed - plain).abs().max() / plain.abs().max()) < tolerance, case
+        assert all(torch.equal(p, weights[name]) and p.requires_grad for name, p in model.named_parameters())

@@ -9,7 +9,7 @@ duration and restored afterwards, so they come out bit-identical.
 
 from __future__ import annotations
 
-from functools import partial
+from contextlib import nullcontext
 from typing import Callable, Mapping
 
 import torch
@@ -21,6 +21,9 @@ from tokengs.options import Options
 from tokengs.rendering.common import w2c_from_cam_view
 
 __all__ = ["context_targets", "test_time_tune"]
+
+# forward/backward passes make_graphed_callables runs before capture (library and kernel set-up)
+GRAPH_WARMUP = 2
 
 
 def context_targets(batch: Mapping[str, Tensor]) -> RenderTargets:
@@ -53,15 +56,19 @@ def test_time_tune(model: TokenGS, encoding: SceneEncoding, batch: Mapping[str, 
     tuning, and the release renders the targets from that same time-free decode.
 
     Nothing in the loop reads a value back to the host, so GPU steps queue without waiting.
+    With opt.ttt_cuda_graph, scene-latent tuning on CUDA captures the decode, forward and
+    backward, as CUDA graphs once per call and replays them every step (same kernels, no Python
+    per layer); token-tuning's decode keeps the GPU busy on its own and runs as it is.
     """
     targets = context_targets(batch)
     if opt.resolved_ttt_mode == "scene-latent-tuning":
         tuned = encoding.scene_latents.detach().clone().requires_grad_(True)
-        decode = partial(model.decode, encoding, scene_latents=tuned, use_target_time=False)
+        decode = lambda latents: model.decode(encoding, scene_latents=latents, use_target_time=False)
     else:
         tokens = model.learned_tokens().detach()
         tuned = tokens.unsqueeze(0).repeat(encoding.batch_size, 1, 1).requires_grad_(True)
-        decode = partial(model.decode, encoding, gs_tokens=tuned, use_target_time=False)
+        decode = lambda tokens: model.decode(encoding, gs_tokens=tokens, use_target_time=False)
+    graphed = opt.ttt_cuda_graph and tuned.is_cuda and opt.resolved_ttt_mode == "scene-latent-tuning"
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([tuned], lr=opt.ttt_lr)
@@ -69,13 +76,21 @@ def test_time_tune(model: TokenGS, encoding: SceneEncoding, batch: Mapping[str, 
         # frozen weights: backward computes only the gradient of `tuned`, and no weight gets a .grad
         for p in trainable:
             p.requires_grad_(False)
-        with torch.enable_grad():
+        with torch.enable_grad(), (_autocast_without_cache(tuned.device) if graphed else nullcontext()):
+            step_decode = torch.cuda.make_graphed_callables(decode, (tuned,), num_warmup_iters=GRAPH_WARMUP) if graphed else decode
             for _ in range(opt.ttt_n_steps):
                 optimizer.zero_grad(set_to_none=True)
-                loss_fn(decode(), targets).loss.backward()
+                loss_fn(step_decode(tuned), targets).loss.backward()
                 optimizer.step()
     finally:
         for p in trainable:
             p.requires_grad_(True)
     with torch.no_grad():
-        return decode()
+        return decode(tuned)
+
+
+def _autocast_without_cache(device: torch.device):
+    """The caller's autocast state with its weight-cast cache off, which graph capture requires
+    (a cached cast made outside the graph would be read from a freed buffer)."""
+    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
+                          enabled=torch.is_autocast_enabled(device.type), cache_enabled=False)
