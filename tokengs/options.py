@@ -158,8 +158,8 @@ class Options:
     steps pay the compilation). Weights and checkpoints are unchanged."""
     ttt_cuda_graph: bool = True
     """Scene-latent tuning on CUDA replays its decode as a CUDA graph captured once per scene
-    (H100, eval_dl3dv_latent_6view_ssim, 50 steps: 707 -> 547 ms). Token-tuning never does: its
-    12-block decode keeps the GPU busy, and capturing it cost more than it saved (2166 -> 2293 ms)."""
+    (H100, eval_dl3dv_latent_6view_ssim, 50 steps: 0.71 -> 0.51-0.59 s). Token-tuning never does: its
+    12-block decode keeps the GPU busy, and capturing it cost more than it saved (2.17 -> 2.29 s)."""
 
     def __post_init__(self) -> None:
         if self.dec_patch_size is None:
