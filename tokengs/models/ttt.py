@@ -67,7 +67,7 @@ def test_time_tune(model: TokenGS, encoding: SceneEncoding, batch: Mapping[str, 
     else:
         tokens = model.learned_tokens().detach()
         tuned = tokens.unsqueeze(0).repeat(encoding.batch_size, 1, 1).requires_grad_(True)
-        decode = lambda tokens: model.decode(encoding, gs_tokens=tokens, use_target_time=False)
+        decode = lambda gs_tokens: model.decode(encoding, gs_tokens=gs_tokens, use_target_time=False)
     graphed = opt.ttt_cuda_graph and tuned.is_cuda and opt.resolved_ttt_mode == "scene-latent-tuning"
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -77,7 +77,8 @@ def test_time_tune(model: TokenGS, encoding: SceneEncoding, batch: Mapping[str, 
         for p in trainable:
             p.requires_grad_(False)
         with torch.enable_grad(), (_autocast_without_cache(tuned.device) if graphed else nullcontext()):
-            step_decode = torch.cuda.make_graphed_callables(decode, (tuned,), num_warmup_iters=GRAPH_WARMUP) if graphed else decode
+            step_decode = (torch.cuda.make_graphed_callables(decode, (tuned,), num_warmup_iters=GRAPH_WARMUP)
+                           if graphed else decode)
             for _ in range(opt.ttt_n_steps):
                 optimizer.zero_grad(set_to_none=True)
                 loss_fn(step_decode(tuned), targets).loss.backward()
@@ -90,7 +91,7 @@ def test_time_tune(model: TokenGS, encoding: SceneEncoding, batch: Mapping[str, 
 
 
 def _autocast_without_cache(device: torch.device):
-    """The caller's autocast state with its weight-cast cache off, which graph capture requires
-    (a cached cast made outside the graph would be read from a freed buffer)."""
+    """The caller's autocast state with its weight-cast cache off, as make_graphed_callables
+    requires (a cast cached while capturing would live in the graph's private memory)."""
     return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
                           enabled=torch.is_autocast_enabled(device.type), cache_enabled=False)
