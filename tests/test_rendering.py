@@ -167,7 +167,7 @@ def test_gradients_reach_every_field_of_a_batch():
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, time, torch
     from tokengs.rendering import render
-    from tokengs.rendering.parity import random_cases, random_scene
+    from tokengs.rendering.parity import random_scene
     torch.set_num_threads(2)
     scene = random_scene("mem", 1, 20000, 1, (64, 64), seed=0, scale_range=(0.02, 0.12))
     gaussians = scene.gaussians.map(lambda t: t.requires_grad_())
