@@ -28,10 +28,12 @@ from typing import Optional, Sequence
 
 import cv2
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tokengs.data.synthetic import GeneratedScene, generate  # noqa: E402
+from tokengs.metrics import psnr  # noqa: E402
 
 BLUR_SIGMAS = (0, 2, 4, 8, 16)
 OCCLUSION_TOLERANCE = 0.03  # relative depth difference under which a context view sees the point
@@ -74,10 +76,6 @@ def warp(depth: np.ndarray, c2w: np.ndarray, intrinsics: np.ndarray, context: di
     return prediction.reshape(H, W, 3)
 
 
-def psnr(prediction: np.ndarray, target: np.ndarray) -> float:
-    return float(-10 * np.log10(np.mean((prediction - target) ** 2)))
-
-
 def room_scores(scene: GeneratedScene) -> dict[str, float]:
     """PSNR of every prediction over all frames of one room (context = first and last frame)."""
     images = scene_images(scene)
@@ -101,7 +99,9 @@ def room_scores(scene: GeneratedScene) -> dict[str, float]:
                                                       contexts[sigma], mean, order)
         for name, prediction in row.items():
             predictions.setdefault(name, []).append(prediction)
-    return {name: psnr(np.stack(p), images) for name, p in predictions.items()}
+    # one "scene" of all frames: the evaluation's PSNR over every view and pixel
+    as_scene = lambda frames: torch.from_numpy(np.ascontiguousarray(frames))[None]
+    return {name: float(psnr(as_scene(np.stack(p)), as_scene(images))) for name, p in predictions.items()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
