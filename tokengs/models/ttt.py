@@ -64,11 +64,12 @@ def test_time_tune(model: TokenGS, encoding: SceneEncoding, batch: Mapping[str, 
     if opt.resolved_ttt_mode == "scene-latent-tuning":
         tuned = encoding.scene_latents.detach().clone().requires_grad_(True)
         decode = lambda latents: model.decode(encoding, scene_latents=latents, use_target_time=False)
+        graphed = opt.ttt_cuda_graph and tuned.is_cuda
     else:
         tokens = model.learned_tokens().detach()
         tuned = tokens.unsqueeze(0).repeat(encoding.batch_size, 1, 1).requires_grad_(True)
         decode = lambda gs_tokens: model.decode(encoding, gs_tokens=gs_tokens, use_target_time=False)
-    graphed = opt.ttt_cuda_graph and tuned.is_cuda and opt.resolved_ttt_mode == "scene-latent-tuning"
+        graphed = False  # its decode keeps the GPU busy: capture costs more than it saves
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([tuned], lr=opt.ttt_lr)
