@@ -9,11 +9,14 @@ finetune_dl3dv_6view preset under bf16:
 1. train: one process accumulating --gpus batches per step (the same global batch on one GPU),
    then --gpus processes of one batch each. Sample i of an epoch's order goes to rank i % gpus, so
    both runs see the same scenes in every optimizer step; their loss curves should agree within
-   bf16 noise. Throughput is samples per second from the logged step rate. The multi-process run
-   is audited (tests/write_audit): which rank wrote, renamed or created what in the workspace.
+   bf16 noise (loss_curves.png plots both). Throughput is samples per second, from the logged step
+   rate and from the wall time between the first and the last logged step (data loading included).
+   The multi-process run is audited (tests/write_audit): which rank wrote, renamed or created what
+   in the workspace.
 2. resume: the multi-process run again, SIGTERM to every process once the first mid-run
    checkpoint exists (as SLURM preempts), then the same command: it must resume at the saved step
-   and end where the uninterrupted run did.
+   and end at the uninterrupted run's weights, as close as the one- and multi-process runs are to
+   each other (the bf16 noise between two runs that should agree).
 3. eval: eval_dl3dv_6view with the trained model on an odd number of scenes, by one process and by
    --gpus processes: the per-scene metrics must be identical.
 
@@ -65,11 +68,28 @@ def run(command: list[str], log: Path, env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
-def scalars(workspace: Path, tag: str) -> dict[int, float]:
+def events(workspace: Path, tag: str) -> list:
+    """A run's logged scalar events (step, wall_time, value), by step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(workspace / "tensorboard"), size_guidance={"scalars": 0}).Reload()
-    return {e.step: e.value for e in events.Scalars(tag)}
+    accumulator = EventAccumulator(str(workspace / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    return sorted(accumulator.Scalars(tag), key=lambda e: e.step)
+
+
+def scalars(workspace: Path, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in events(workspace, tag)}
+
+
+def weight_difference(a: Path, b: Path) -> dict:
+    """How far two runs' final weights are apart: the largest absolute difference, and the norm of
+    the difference over the norm of the weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    first, second = load_file(a), load_file(b)
+    diff = torch.cat([(first[k].float() - second[k].float()).flatten() for k in first])
+    norm = torch.cat([first[k].float().flatten() for k in first]).norm()
+    return {"max_abs": diff.abs().max().item(), "relative_norm": (diff.norm() / norm).item()}
 
 
 def make_data(root: Path, layout: str, scenes: int, frames: int, seed: int, size: dict, context: int) -> None:
@@ -81,14 +101,15 @@ def make_data(root: Path, layout: str, scenes: int, frames: int, seed: int, size
              eval_context=context, workers=os.cpu_count() or 1, progress=True)
 
 
-def train_command(processes: int, gpus: int, data: Path, workspace: Path, args) -> list[str]:
-    # one process takes the multi-process run's global batch by accumulating `gpus` batches per step
+def train_command(processes: int, gpus: int, data: Path, workspace: Path, args, save_every: int = 0) -> list[str]:
+    # one process takes the multi-process run's global batch by accumulating `gpus` batches per step;
+    # no mid-run checkpoint unless asked (the timed runs would time the disk)
     accumulate = gpus if processes == 1 else 1
     return [*launch(processes, args.smoke), "-m", "tokengs.train", args.size["preset"], "--workspace", str(workspace),
             "--dataset_kwargs", "root_path", str(data), "--data_mode", "dl3dv_scaled_0.15", "100",
             "--batch_size", str(args.batch_size), "--gradient_accumulation_steps", str(accumulate),
             "--max_iters_per_epoch", str(args.steps * accumulate), "--num_epochs", "1",
-            "--num_workers", str(args.workers), "--print_freq", "5", "--save_every_steps", str(args.steps // 3),
+            "--num_workers", str(args.workers), "--print_freq", "1", "--save_every_steps", str(save_every),
             "--log_image_freq", "1000000"]
 
 
@@ -102,11 +123,23 @@ def check_training(args, out: Path, data: Path, report: dict) -> None:
                TOKENGS_AUDIT_WATCH=str(many), TOKENGS_AUDIT_OUT=str(records))
     wall_many = run(train_command(args.gpus, args.gpus, data, many, args), out / "train_many.log", env)
     global_batch = args.gpus * args.batch_size
-    curves = {name: scalars(ws, "train/loss") for name, ws in (("one_process", one), (f"{args.gpus}_processes", many))}
-    rates = {}
-    for name, ws in (("one_process", one), (f"{args.gpus}_processes", many)):
+    from tokengs import workspace as ws_module
+
+    runs = {"one_process": one, f"{args.gpus}_processes": many}
+    curves = {name: scalars(ws, "train/loss") for name, ws in runs.items()}
+    rates, wall_rates = {}, {}
+    for name, ws in runs.items():
         its = [v for _, v in sorted(scalars(ws, "train/its").items())]
         rates[name] = statistics.median(its[1:] or its) * global_batch  # the first window holds the warm-up
+        logged = events(ws, "train/loss")  # from the first logged step to the last: every batch loaded and trained
+        first, last = logged[0], logged[-1]
+        wall_rates[name] = (last.step - first.step) * global_batch / (last.wall_time - first.wall_time)
+    from tokengs.media import plot_curves
+
+    plot_curves(out / "loss_curves.png",
+                {f"{name.replace('_', ' ')} (global batch {global_batch})": sorted(curve.items())
+                 for name, curve in curves.items()},
+                title=f"{args.size['preset']}: training loss, 1 GPU accumulating vs {args.gpus} GPUs")
     a, b = curves.values()
     common = sorted(set(a) & set(b))
     window = 25
@@ -120,6 +153,10 @@ def check_training(args, out: Path, data: Path, report: dict) -> None:
         "preset": args.size["preset"], "gpus": args.gpus, "batch_per_process": args.batch_size, "global_batch": global_batch,
         "steps": args.steps, "samples_per_s": rates,
         "scaling": rates[f"{args.gpus}_processes"] / rates["one_process"],
+        "samples_per_s_wall": wall_rates,
+        "scaling_wall": wall_rates[f"{args.gpus}_processes"] / wall_rates["one_process"],
+        "final_weights_one_vs_many": weight_difference(one / "model.safetensors", many / "model.safetensors"),
+        "skipped_steps": {name: ws_module.read_metadata(ws).get("nonfinite_steps", 0) for name, ws in runs.items()},
         "wall_s": {"one_process": wall_one, f"{args.gpus}_processes": wall_many},
         "loss_window_means": windows,
         "loss_max_abs_diff": max(abs(a[s] - b[s]) for s in common),
@@ -132,7 +169,7 @@ def check_training(args, out: Path, data: Path, report: dict) -> None:
 def check_resume(args, out: Path, data: Path, report: dict) -> None:
     workspace = out / "ws_resumed"
     shutil.rmtree(workspace, ignore_errors=True)
-    command = train_command(args.gpus, args.gpus, data, workspace, args)
+    command = train_command(args.gpus, args.gpus, data, workspace, args, save_every=args.steps // 3)
     from tokengs import workspace as ws
 
     with open(out / "resume_first.log", "w") as log:
@@ -151,10 +188,18 @@ def check_resume(args, out: Path, data: Path, report: dict) -> None:
     reference = scalars(out / "ws_many", "train/loss") if (out / "ws_many").is_dir() else {}
     resumed = scalars(workspace, "train/loss")
     after = [s for s in sorted(resumed) if s > stopped and s in reference]
+    differences = [abs(resumed[s] - reference[s]) for s in after]
     report["resume"] = {"stopped_at": stopped, "resumed_at_that_step": resumed_at, "final_step": final,
                         "expected_final_step": args.steps,
+                        # a NaN loss is a difference too (max() would pass over it)
                         "loss_max_abs_diff_after_resume_vs_uninterrupted":
-                            max((abs(resumed[s] - reference[s]) for s in after), default=None)}
+                            float("nan") if any(d != d for d in differences) else max(differences, default=None),
+                        "skipped_steps": {"resumed": ws.read_metadata(workspace).get("nonfinite_steps", 0),
+                                          "uninterrupted": (ws.read_metadata(out / "ws_many") or {})
+                                          .get("nonfinite_steps", 0)}}
+    if (out / "ws_many").is_dir():
+        report["resume"]["final_weights_resumed_vs_uninterrupted"] = weight_difference(
+            workspace / "model.safetensors", out / "ws_many" / "model.safetensors")
     print(json.dumps(report["resume"], indent=1))
 
 

@@ -273,7 +273,7 @@ def test_nonfinite_loss_skips_the_update_and_a_run_of_them_stops_training(data_r
     assert not torch.isfinite(trainer.train_step(poisoned)["loss"])
     assert unchanged(before, snapshot()), "a NaN step changed the weights or the optimizer state"
     assert trainer.nonfinite_total == 1
-    assert "non-finite loss or gradient, update skipped" in caplog.text
+    assert "non-finite loss, update skipped" in caplog.text
 
     trainer.train_step(batch)  # a good step updates again and ends the run of bad ones
     assert not unchanged(before, snapshot())
@@ -283,6 +283,15 @@ def test_nonfinite_loss_skips_the_update_and_a_run_of_them_stops_training(data_r
         trainer.train_step(poisoned)
     assert trainer.nonfinite_total == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    # a finite loss whose gradient is not: skipped too, and the warning says which it was
+    trainer.nonfinite_in_row = 0
+    hook = next(model.parameters()).register_hook(lambda grad: grad * float("nan"))
+    before = snapshot()
+    assert torch.isfinite(trainer.train_step(batch)["loss"])
+    hook.remove()
+    assert unchanged(before, snapshot()) and trainer.nonfinite_total == 5
+    assert "non-finite gradient, update skipped (5 so far)" in caplog.text
 
 
 # ---- optimizer, schedule, auxiliary weight ----------------------------------------------------------

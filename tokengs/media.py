@@ -127,13 +127,13 @@ def plot_curves(path: str | Path, series: dict[str, Sequence[tuple[float, float]
         y = y0 + (y1 - y0) * k / 4
         draw.text((4, at(x0, y)[1] - 6), f"{y:.3g}", fill="black")
         x = x0 + (x1 - x0) * k / 4
-        draw.text((at(x, y0)[0] - 10, height - bottom + 6), f"{x:.0f}", fill="black")
+        draw.text((at(x, y0)[0] - 10, height - bottom + 6), f"{x:.0f}" if x1 - x0 > 8 else f"{x:.3g}", fill="black")
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
     for i, (name, values) in enumerate(series.items()):
         line = [at(x, y) for x, y in values if np.isfinite(y)]
         color = palette[i % len(palette)]
-        if len(line) > 1:
-            draw.line(line, fill=color, width=2)
+        if len(line) > 1:  # each line narrower than the one before, so that curves which agree all show
+            draw.line(line, fill=color, width=2 + 2 * (len(series) - 1 - i))
         elif line:
             draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=color)
         draw.text((left + 8, top + 4 + 14 * i), name, fill=color)

@@ -316,8 +316,9 @@ class Trainer:
                 if bool(bad):  # the update is skipped: weights and optimizer state stay as they were
                     self.nonfinite_total += 1
                     self.nonfinite_in_row += 1
-                    log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)",
-                                self.global_step, self.nonfinite_total)
+                    what = "gradient" if torch.isfinite(losses).all() else "loss"  # this process's view
+                    log.warning("step %d: non-finite %s, update skipped (%d so far)",
+                                self.global_step, what, self.nonfinite_total)
                     if self.nonfinite_in_row >= opt.max_consecutive_nonfinite_steps:
                         raise NonFiniteError(
                             f"{self.nonfinite_in_row} steps in a row had a NaN/Inf loss or gradient (limit "
