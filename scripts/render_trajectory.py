@@ -4,8 +4,9 @@
         [--root DATASET_ROOT] [--evaluation_json J] [--scene_idx I] [--n_scenes K] [--frames 120] [--fps 24]
 
 Any checkpoint and any dataset of the registry: the options come from a preset or from a
-training workspace's config.yaml; --root / --evaluation_json override the dataset's. Scenes are
-the evaluation views of the options' first dataset (the JSON's choice where there is one).
+training workspace's config.yaml; --root / --evaluation_json override the dataset's. A DL3DV
+root is read in the layout found there (training or benchmark, data/DATA.md), whichever the options
+name. Scenes are the evaluation views of the options' first dataset (the JSON's choice where there is one).
 Per scene: O/trajectory_<scene>.mp4 and O/gaussians_<scene>.ply.
 """
 
@@ -25,7 +26,7 @@ from tokengs.gaussians import Gaussians, save_ply  # noqa: E402
 from tokengs.media import save_video  # noqa: E402
 from tokengs.models import TokenGS  # noqa: E402
 from tokengs.options import Options  # noqa: E402
-from tokengs.render_setup import load_for_rendering, rendering_options, scene_range  # noqa: E402
+from tokengs.render_setup import in_layout_of_root, load_for_rendering, rendering_options, scene_range  # noqa: E402
 from tokengs.rendering import render_path  # noqa: E402
 
 
@@ -56,6 +57,8 @@ def main(argv=None) -> None:
     problems: list[str] = []
     opt = rendering_options(args.preset, args.workspace,
                             {"root_path": args.root, "evaluation_json": args.evaluation_json}, problems)
+    if opt is not None:
+        opt = in_layout_of_root(opt, problems)
     model, dataset, device = load_for_rendering(opt, Path(args.ckpt), problems, "rendering")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for index in scene_range(dataset, args.scene_idx, args.n_scenes):

@@ -1,10 +1,12 @@
 """What beating the mean-colour baseline on the synthetic held-out rooms takes: the PSNR of
 predictions that know more or less of each room's geometry.
 
-    python scripts/warp_ceiling.py [--scenes 6] [--seed 1] [--data DIR]
+    python scripts/warp_ceiling.py [--scenes 6] [--seed 1] [--data DIR] [--frames F --context K --span S]
 
-The rooms are the demo's held-out ones (layout dl3dv_eval at the generator's defaults, seed 1:
-context views = first and last frame, targets = every frame). Each target pixel is predicted as
+The rooms are held-out ones (layout dl3dv_eval, seed 1). By default the old demo protocol: the
+generator's 24 frames, context = first and last frame, targets = every frame; with --span, the
+benchmarks' protocol (K context views over S frames, targets between them; see
+`tokengs.data.synthetic.evaluation_views`). Each target pixel is predicted as
   mean_colour       the mean colour of the context images (the demo's baseline);
   nearest_context   the nearer context image, unwarped;
   constant_depth    back-projected at one depth per room (the context views' median depth) and
@@ -32,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tokengs.data.synthetic import GeneratedScene, generate  # noqa: E402
+from tokengs.data.synthetic import GeneratedScene, evaluation_views, generate  # noqa: E402
 from tokengs.metrics import psnr  # noqa: E402
 
 BLUR_SIGMAS = (0, 2, 4, 8, 16)
@@ -76,11 +78,9 @@ def warp(depth: np.ndarray, c2w: np.ndarray, intrinsics: np.ndarray, context: di
     return prediction.reshape(H, W, 3)
 
 
-def room_scores(scene: GeneratedScene) -> dict[str, float]:
-    """PSNR of every prediction over all frames of one room (context = first and last frame)."""
+def room_scores(scene: GeneratedScene, context_frames: Sequence[int], targets: Sequence[int]) -> dict[str, float]:
+    """PSNR of every prediction over the target frames of one room."""
     images = scene_images(scene)
-    frames = len(images)
-    context_frames = (0, frames - 1)
     mean = images[list(context_frames)].mean(axis=(0, 1, 2))
     median_depth = float(np.median(scene.depths[list(context_frames)]))
     # context views with their cameras: sharp (blur 0) and blurred
@@ -88,7 +88,7 @@ def room_scores(scene: GeneratedScene) -> dict[str, float]:
                         for c in context_frames} for sigma in BLUR_SIGMAS}
     context, context_depths = contexts[0], {c: scene.depths[c] for c in context_frames}
     predictions: dict[str, list] = {}
-    for t in range(frames):
+    for t in targets:
         order = sorted(context_frames, key=lambda c: abs(t - c))
         c2w, intrinsics = scene.c2ws[t], scene.intrinsics[t]
         row = {"mean_colour": np.broadcast_to(mean, images[t].shape), "nearest_context": images[order[0]],
@@ -101,7 +101,7 @@ def room_scores(scene: GeneratedScene) -> dict[str, float]:
             predictions.setdefault(name, []).append(prediction)
     # one "scene" of all frames: the evaluation's PSNR over every view and pixel
     as_scene = lambda frames: torch.from_numpy(np.ascontiguousarray(frames))[None]
-    return {name: float(psnr(as_scene(np.stack(p)), as_scene(images))) for name, p in predictions.items()}
+    return {name: float(psnr(as_scene(np.stack(p)), as_scene(images[list(targets)]))) for name, p in predictions.items()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -109,10 +109,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--scenes", type=int, default=6, help="held-out rooms (the demo evaluates 6)")
     parser.add_argument("--seed", type=int, default=1, help="the demo's held-out rooms use seed 1")
     parser.add_argument("--data", type=Path, help="where to write the rooms (default: a temporary folder)")
+    parser.add_argument("--frames", type=int, help="frames per room (default: the generator's)")
+    parser.add_argument("--height", type=int, help="image height (default: the generator's)")
+    parser.add_argument("--width", type=int, help="image width (default: the generator's)")
+    parser.add_argument("--context", type=int, default=2, help="context views")
+    parser.add_argument("--span", type=int, help="frames the context views cover (default: the whole clip)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
-        scenes = generate("dl3dv_eval", args.data or Path(scratch), args.scenes, seed=args.seed)
-        rooms = [room_scores(scene) for scene in scenes]
+        scenes = generate("dl3dv_eval", args.data or Path(scratch), args.scenes, seed=args.seed, frames=args.frames,
+                          height=args.height, width=args.width, eval_context=args.context, eval_span=args.span)
+        context, targets = evaluation_views(len(scenes[0].c2ws), args.context, args.span)
+        rooms = [room_scores(scene, context, targets) for scene in scenes]
     baseline = np.mean([room["mean_colour"] for room in rooms])
     print(f"{'prediction':28s} PSNR dB  vs mean colour")
     for name in rooms[0]:

@@ -9,17 +9,38 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# the first shared/ that holds the fixtures (beside the checkout, or inside it on the GPU machine)
-SHARED = next((p for p in (ROOT.parent / "shared", ROOT / "shared") if (p / "fixtures" / "reference").is_dir()),
-              ROOT.parent / "shared")
+
+
+def _shared() -> Path:
+    """The shared/ folder that holds the release's reference fixtures: $TOKENGS_SHARED, else the
+    first of ../shared (beside the checkout) and ./shared (inside it, on the GPU machine) that has them.
+    The fixtures' own terms keep them out of the repository, so a clone elsewhere points here."""
+    if os.environ.get("TOKENGS_SHARED"):
+        return Path(os.environ["TOKENGS_SHARED"])
+    return next((p for p in (ROOT.parent / "shared", ROOT / "shared") if (p / "fixtures" / "reference").is_dir()),
+                ROOT.parent / "shared")
+
+
+SHARED = _shared()
 REFERENCE = SHARED / "fixtures" / "reference"
+# TOKENGS_REQUIRE_FIXTURES=1: a missing fixture fails the test instead of skipping it
+_REQUIRED = os.environ.get("TOKENGS_REQUIRE_FIXTURES", "") not in ("", "0")
+
+
+def shared_file(path: Path) -> Path:
+    """`path` under shared/, or skip (fail with TOKENGS_REQUIRE_FIXTURES=1) saying how to provide it."""
+    if not path.exists():
+        message = (f"release reference fixtures not found at {path}: put the shared/ folder beside the "
+                   "checkout, or set TOKENGS_SHARED to it")
+        if _REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 @pytest.fixture
 def reference_dir() -> Path:
-    if not REFERENCE.is_dir():
-        pytest.skip(f"reference fixtures not found at {REFERENCE} (they ship beside the checkout as shared/)")
-    return REFERENCE
+    return shared_file(REFERENCE)
 
 
 # The tiny models of the tests run fastest on one intra-op thread; beside another busy process on

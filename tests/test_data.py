@@ -4,6 +4,7 @@ view sampling, camera math, the check CLI, and resilient loading."""
 import io
 import json
 import logging
+import re
 import struct
 import subprocess
 import sys
@@ -174,6 +175,34 @@ def test_synthetic_cli_writes_a_readable_root(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert len(DL3DVEvalReader(str(tmp_path)).scenes()) == 1 and (tmp_path / "evaluation.json").is_file()
+
+
+def documented_commands() -> dict:
+    """The `python -m tokengs.data.*` commands of data/DATA.md (a command may wrap a line): module -> arguments."""
+    text = (ROOT / "data" / "DATA.md").read_text()
+    commands = [span.split() for span in re.findall(r"`(python -m tokengs\.data\.[^`]+)`", text)]
+    return {command[2]: command[3:] for command in commands}
+
+
+def flag_value(args: list, flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def test_data_md_commands_run_as_written(tmp_path):
+    commands = documented_commands()
+    generator, check = commands["tokengs.data.synthetic"], commands["tokengs.data.check"]
+    # as written, run from a fresh folder (the paths are relative); small images keep it quick
+    made = subprocess.run([sys.executable, "-m", "tokengs.data.synthetic", *generator, "--height", "24", "--width",
+                           "40"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    out = tmp_path / flag_value(generator, "--out")
+    assert len(DL3DVReader(str(out)).scenes()) == 48  # the count DATA.md states
+    # the documented check, pointed at what the generator wrote instead of the real data's root
+    check[check.index("--root") + 1] = str(out)
+    checked = subprocess.run([sys.executable, "-m", "tokengs.data.check", *check], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr[-2000:]
+    assert "48 scene(s) read, 0 problem(s)" in checked.stdout
 
 
 # ---------------------------------------------------------------------------------------------

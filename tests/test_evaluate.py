@@ -71,12 +71,18 @@ def evaluate_args(data, workspace: Path, *extra) -> list:
 
 
 @pytest.fixture(scope="module")
-def single(data):
-    """One process, test-time tuning on, media for every scene; the targets rendered in one chunk."""
+def single_run(data):
+    """One process, test-time tuning on, media for every scene; the targets rendered in one chunk.
+    The workspace and what the run printed."""
     workspace = data.base / "eval_single"
-    run("tokengs.evaluate", *evaluate_args(data, workspace, "--use_ttt_for_eval", "--eval_n_media_dumps", SCENES,
-                                           "--eval_render_chunk_size", TARGETS))
-    return workspace
+    done = run("tokengs.evaluate", *evaluate_args(data, workspace, "--use_ttt_for_eval", "--eval_n_media_dumps",
+                                                  SCENES, "--eval_render_chunk_size", TARGETS))
+    return SimpleNamespace(workspace=workspace, stdout=done.stdout)
+
+
+@pytest.fixture(scope="module")
+def single(single_run):
+    return single_run.workspace
 
 
 def report(workspace: Path) -> dict:
@@ -109,6 +115,16 @@ def test_reports_list_every_scene_exactly_once(data, single):
     assert "token-tuning (10 steps, lr 0.01)" in text
 
 
+def test_the_run_ends_printing_the_mean_scores_and_where_the_reports_are(single_run):
+    metrics = report(single_run.workspace)
+    printed = single_run.stdout
+    for name in ("psnr", "ssim"):
+        assert f"{name.upper()} {metrics['summary'][name]['mean']:.4f}" in printed, printed
+    assert f"evaluated {SCENES} scenes" in printed and "LPIPS not computed" in printed
+    for report_file in ("metrics.txt", "metrics.json"):
+        assert str(single_run.workspace / report_file) in printed
+
+
 def test_lpips_left_out_is_reported_as_not_computed(single):
     metrics = report(single)
     assert metrics["not_computed"] == ["lpips"]
@@ -124,6 +140,7 @@ def test_two_processes_score_each_scene_once_as_one_process(data, single):
                                                    "--eval_render_chunk_size", 3))],
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count(f"evaluated {SCENES} scenes") == 1  # the main process's summary only
     # each process dumped its first scene: the runs really were two
     assert (workspace / "images" / "pred_0-0-0.png").is_file() and (workspace / "images" / "pred_0-1-0.png").is_file()
     one, two = report(single)["scenes"], report(workspace)["scenes"]

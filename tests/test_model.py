@@ -18,15 +18,6 @@ MANIFEST_PRESETS = ("train_dl3dv_base", "finetune_dl3dv_6view", "eval_dl3dv_late
                     "finetune_dl3dv_kubric_dyn_release")
 
 
-def _reference_dir() -> Path:
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "shared/fixtures/reference", here.parents[1] / "../shared/fixtures/reference"):
-        if candidate.is_dir():
-            return candidate
-    pytest.skip(f"reference fixtures not found at {here.parents[2] / 'shared/fixtures/reference'} "
-                "(they ship beside the checkout as shared/)")
-
-
 def _fixture_options(path: Path) -> Options:
     values = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     return Options().evolve(**values)
@@ -66,8 +57,8 @@ def _randomize(model: TokenGS) -> TokenGS:
 # ---- release parity ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["plain", "latent"])
-def test_reference_fixture_parity(name):
-    ref_dir = _reference_dir()
+def test_reference_fixture_parity(name, reference_dir):
+    ref_dir = reference_dir
     opt = _fixture_options(ref_dir / f"model_{name}.options.json")
     model = TokenGS(opt).eval()
     load_model_checkpoint(model, ref_dir / f"model_{name}.weights.safetensors", opt, strict=True)
@@ -90,8 +81,8 @@ def test_reference_fixture_parity(name):
 
 
 @pytest.mark.parametrize("preset", MANIFEST_PRESETS)
-def test_meta_model_matches_release_manifest(preset):
-    path = _reference_dir() / f"state_dict_{preset}.json"
+def test_meta_model_matches_release_manifest(preset, reference_dir):
+    path = reference_dir / f"state_dict_{preset}.json"
     with torch.device("meta"):
         model = TokenGS(config_defaults[preset])
     ours = {name: list(t.shape) for name, t in model.state_dict().items()}

@@ -1,22 +1,22 @@
 """Options: every release preset holds the release's values; validation; YAML round trip; CLI."""
 
 import dataclasses
+import importlib
 import json
+import re
 
 import pytest
 
 from tokengs.cli import parse_options
 from tokengs.options import Options, OptionsError, config_defaults, config_doc
-from conftest import SHARED
+from conftest import SHARED, shared_file
 
 PRESETS_JSON = SHARED / "presets.json"
 PRESETS_MD = SHARED / "PRESETS.md"
 
 
 def _release():
-    if not PRESETS_JSON.is_file():
-        pytest.skip(f"{PRESETS_JSON} not found (shared/ is absent in this checkout)")
-    return json.loads(PRESETS_JSON.read_text())
+    return json.loads(shared_file(PRESETS_JSON).read_text())
 
 
 def test_defaults_equal_release():
@@ -36,9 +36,7 @@ def test_release_preset_values(preset):
 
 
 def test_presets_md_lists_every_preset():
-    if not PRESETS_MD.is_file():
-        pytest.skip(f"{PRESETS_MD} not found")
-    rows = [line for line in PRESETS_MD.read_text().splitlines() if line.startswith("| `") and "=" in line]
+    rows = [line for line in shared_file(PRESETS_MD).read_text().splitlines() if line.startswith("| `") and "=" in line]
     names = [row.split("`")[1] for row in rows]
     assert len(names) == 24
     for row, name in zip(rows, names):
@@ -154,3 +152,73 @@ def test_cli_errors_one_line_exit_2(argv, needle, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+# ---- --help ------------------------------------------------------------------------------------
+
+def help_text(entry_point, argv, capsys, monkeypatch) -> str:
+    """What `argv` (ending in --help) prints, on a terminal wide enough to keep descriptions whole."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exc:
+        entry_point(argv)
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def option_descriptions(text: str) -> dict[str, str]:
+    """tyro's list of options -> {flag line: its description without the default}. A flag line is
+    indented by 1-2 columns, its description lines by more (boxed on a UTF-8 terminal, plain else)."""
+    descriptions, flag = {}, None
+    for line in text.splitlines():
+        row = line.rstrip().removesuffix("│").rstrip().removeprefix("│")
+        content, indent = row.strip(), len(row) - len(row.lstrip())
+        if re.match(r"-{1,2}[a-z]", content) and indent <= 2:
+            flag = content
+            descriptions[flag] = ""
+        elif flag and content and indent > 2:
+            descriptions[flag] += " " + content
+        else:
+            flag = None
+    return {flag: re.sub(r"\(default: .*\)$", "", text).strip() for flag, text in descriptions.items()}
+
+
+@pytest.mark.parametrize("module, preset", [("train", "tiny"), ("evaluate", "tiny_eval"),
+                                            ("train", "finetune_dl3dv_kubric_dyn_release")])
+def test_preset_help_describes_every_option_by_its_own_doc(module, preset, capsys, monkeypatch):
+    entry_point = importlib.import_module(f"tokengs.{module}").main
+    described = option_descriptions(help_text(entry_point, [preset, "--help"], capsys, monkeypatch))
+    flags = {flag.split()[0].rstrip(",") for flag in described}
+    assert {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Options)} <= flags
+    for flag, description in described.items():
+        assert re.search(r"[A-Za-z]", description), f"{flag} has no description"
+        assert "---" not in description, f"{flag} shows a section divider: {description}"
+    docs = [d for flag, d in described.items() if not flag.startswith("-h")]
+    assert len(set(docs)) == len(docs), "options share a description"
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate"])
+def test_help_offers_a_preset_or_config_and_lists_both(module, capsys, monkeypatch):
+    entry_point = importlib.import_module(f"tokengs.{module}").main
+    text = help_text(entry_point, ["--help"], capsys, monkeypatch)
+    usage = text.splitlines()[0]
+    assert usage == f"usage: python -m tokengs.{module} (PRESET | --config FILE) [--OPTION VALUE ...]"
+    assert "(required)" not in text
+    assert re.search(r"^  --config FILE +\S", text, re.MULTILINE)
+    assert all(re.search(rf"^  {name} +{re.escape(doc.split()[0])}", text, re.MULTILINE)
+               for name, doc in config_doc.items())
+
+
+def test_config_help_names_the_file_and_every_option(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "config.yaml"
+    config_defaults["tiny"].save_yaml(path)
+    text = help_text(parse_options, ["--config", str(path), "--help"], capsys, monkeypatch)
+    assert text.startswith(f"usage: tokengs --config {path} ")
+    assert option_descriptions(text)["--lr FLOAT"] == "Peak learning rate of AdamW's one-cycle schedule."
+
+
+def test_extra_flags_are_listed_and_left_out_of_the_options(capsys, monkeypatch):
+    extra = {"--trace_file": "Where the entry point writes its trace."}
+    assert parse_options(["tiny", "--trace_file", "t.json", "--lr", "0.5"], extra_flags=extra) == \
+        config_defaults["tiny"].evolve(lr=0.5)
+    text = help_text(lambda argv: parse_options(argv, extra_flags=extra), ["--help"], capsys, monkeypatch)
+    assert re.search(r"^  --trace_file +Where the entry point writes its trace\.", text, re.MULTILINE)

@@ -52,6 +52,47 @@ def test_script_writes_a_video_and_a_ply_per_scene(tmp_path):
         assert 0 < load_ply(ply).num_gaussians <= opt.num_gaussians
 
 
+def workspace_of_tiny_model(path: Path) -> Path:
+    """A training workspace as tokengs.train leaves it: the tiny preset's config.yaml (the
+    training layout, dl3dv) and untrained weights beside it."""
+    path.mkdir()
+    opt = get_preset("tiny").evolve(workspace=str(path))
+    opt.save_yaml(path / "config.yaml")
+    torch.manual_seed(0)
+    save_model(TokenGS(opt), path / "model.safetensors")
+    return path
+
+
+def render_trajectory(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "render_trajectory.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_workspace_trained_on_the_training_layout_renders_benchmark_layout_scenes(tmp_path):
+    root = tmp_path / "dl3dv_eval"
+    generate("dl3dv_eval", root, 1, frames=6, height=32, width=48)
+    workspace = workspace_of_tiny_model(tmp_path / "workspace")
+    out = tmp_path / "out"
+    done = render_trajectory("--ckpt", workspace / "model.safetensors", "--workspace", workspace, "--root", root,
+                             "--out_dir", out, "--frames", 4)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{root} holds dl3dv_eval scenes: reading it as dl3dv_eval" in done.stdout
+    (video,) = out.glob("trajectory_*.mp4")
+    assert read_video(video).shape[:3] == (4, 32, 48) and len(list(out.glob("gaussians_*.ply"))) == 1
+
+
+def test_a_subset_folder_as_root_is_answered_with_the_root_to_pass(tmp_path):
+    root = tmp_path / "dl3dv"
+    generate("dl3dv", root, 1, frames=4, height=12, width=20)
+    workspace = workspace_of_tiny_model(tmp_path / "workspace")
+    done = render_trajectory("--ckpt", workspace / "model.safetensors", "--workspace", workspace, "--root",
+                             root / "1K", "--out_dir", tmp_path / "out")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no DL3DV scenes under" in done.stderr and f"pass --root {root} " in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_script_lists_every_start_up_problem_and_exits_2(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_trajectory.py"), "--ckpt",
                            str(tmp_path / "missing.safetensors"), "--workspace", str(tmp_path / "no_workspace"),

@@ -388,6 +388,20 @@ def test_flags_that_disagree_with_the_workspace_exit_2_with_every_problem(data_r
     assert f"root {missing_root} does not exist" in message
 
 
+def test_flags_that_disagree_with_a_complete_workspace_exit_2_with_every_difference(data_root, tmp_path, capsys):
+    workspace = tmp_path / "ws"
+    assert run(tiny(data_root, workspace, num_epochs=1, max_iters_per_epoch=1))
+    saved_at = ws.read_metadata(workspace)["time"]
+    same = ["tiny", "--workspace", str(workspace), "--batch_size", "1", "--num_epochs", "1", "--max_iters_per_epoch",
+            "1", "--dataset_kwargs", "root_path", str(data_root), "--print_freq", "3"]  # print_freq: resumable
+    message = cli_failure([*same, "--lr", "0.5", "--seed", "7"], capsys)
+    assert "1 problem(s)" in message and "COMPLETE" in message and "--retrain" in message
+    assert "seed (workspace 42, flags 7); lr (workspace 0.001, flags 0.5)." in message
+    assert "print_freq" not in message
+    main(same)  # the workspace's own options: COMPLETE, nothing to do
+    assert ws.read_metadata(workspace)["time"] == saved_at, "a COMPLETE workspace was trained again"
+
+
 def test_resume_from_a_missing_file_exits_2_naming_it(data_root, tmp_path, capsys):
     missing = tmp_path / "missing.safetensors"
     message = cli_failure(["tiny", "--workspace", str(tmp_path / "ws"), "--dataset_kwargs", "root_path",
@@ -406,6 +420,29 @@ def test_gradient_accumulation_takes_one_optimizer_step_per_two_batches(data_roo
     optimizer = torch.load(workspace / ws.OPTIMIZER_FILE)
     assert {float(state["step"]) for state in optimizer["state"].values()} == {4.0}
     assert torch.load(workspace / ws.SCHEDULER_FILE, weights_only=False)["last_epoch"] == 4
+
+
+def test_logged_lr_is_the_one_each_step_used_and_never_climbs_back(data_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workspace = tmp_path / "ws"
+    opt = tiny(data_root, workspace, num_epochs=2, max_iters_per_epoch=2)  # 4 steps: 2 up to lr, 2 down
+    assert run(opt)
+    optimizer = build_optimizer(opt, torch.nn.Linear(3, 3))
+    scheduler = build_scheduler(opt, optimizer, 4)
+    used = []
+    for _ in range(4):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used == pytest.approx([1e-3 / 25, 1e-3, 5e-4, 1e-3 / 25 / 1000], rel=1e-3)
+    events = EventAccumulator(str(workspace / "tensorboard"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("train/lr")]
+    assert logged == pytest.approx(used, rel=1e-6)  # float32 in the event file
+    assert [h["lr"] for h in ws.read_metadata(workspace)["history"] if "lr" in h] == pytest.approx(used)
+    peak = logged.index(max(logged))
+    assert all(a >= b for a, b in zip(logged[peak:], logged[peak + 1:])), f"the lr climbs back: {logged}"
 
 
 def test_run_logs_tensorboard_validation_grids_and_offline_wandb(data_root, tmp_path):

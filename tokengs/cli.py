@@ -1,7 +1,8 @@
 """Command-line parsing shared by `tokengs.train` and `tokengs.evaluate`.
 
-`PRESET [--field value ...]` (tyro subcommands over the presets, one help line each) or
-`--config W/config.yaml [--field value ...]` (a training workspace's options). Boolean fields
+`PRESET [--field value ...]` (tyro subcommands over the presets) or `--config W/config.yaml
+[--field value ...]` (a training workspace's options); `--help` lists both ways and the presets,
+`PRESET --help` every option with its doc and the preset's value. Boolean fields
 take the release's flag form (`--use_ttt_for_eval`, `--no-random_reflect`) and also an
 explicit `--field True|False`. Every mistake ends in one line saying what to fix, exit code 2.
 """
@@ -13,14 +14,17 @@ import dataclasses
 import difflib
 import io
 import sys
+import textwrap
 import typing
-from typing import Optional, Sequence
+from types import MappingProxyType
+from typing import Mapping, Optional, Sequence
 
 from tokengs.options import Options, OptionsError, config_defaults, config_doc
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Options)}
 _BOOL_FIELDS = {name for name, hint in typing.get_type_hints(Options).items() if hint is bool}
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+_CONFIG_HELP = "The options of a training workspace (its W/config.yaml) instead of a preset's."
 
 
 def fail(message: str, code: int = 2) -> typing.NoReturn:
@@ -56,46 +60,81 @@ def _normalize_bools(args: list[str]) -> list[str]:
     return out
 
 
-def _check_flags(args: Sequence[str], extra: Sequence[str]) -> None:
+def _pop_flag(args: list[str], flag: str, what: str = "a value") -> Optional[str]:
+    """Remove `flag VALUE` (or `flag=VALUE`) from args; its value, or None when absent."""
+    for i, arg in enumerate(args):
+        if arg == flag:
+            if i + 1 >= len(args):
+                fail(f"{flag} needs {what}")
+            value = args[i + 1]
+            del args[i:i + 2]
+            return value
+        if arg.startswith(flag + "="):
+            del args[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _entries(docs: Mapping[str, str], width: int = 100) -> str:
+    """Names in a column, each followed by its doc wrapped beside it."""
+    column = max(map(len, docs)) + 4
+    return "\n".join(textwrap.fill(doc, width, initial_indent=f"  {name:<{column - 2}}",
+                                   subsequent_indent=" " * column) for name, doc in docs.items())
+
+
+def _overview(prog: str, extra_flags: Mapping[str, str]) -> str:
+    """`PROG --help`: how options are chosen, the presets, and the flags besides the options'."""
+    flags = {"--config FILE": _CONFIG_HELP, **extra_flags,
+             "-h, --help": "Show this help; after PRESET or --config FILE, every option."}
+    return (f"usage: {prog} (PRESET | --config FILE) [--OPTION VALUE ...]\n\n"
+            + textwrap.fill("The options start from a preset's values or from a training workspace's config.yaml; "
+                            "a flag changes any one of them (--lr 1e-4). "
+                            f"`{prog} PRESET --help` lists every option with its value in the preset.", 100)
+            + f"\n\npresets:\n{_entries(config_doc)}\n\nflags:\n{_entries(flags)}")
+
+
+def _check_flags(args: Sequence[str]) -> None:
     """Name an unknown flag (with its closest field) before tyro prints a page of help."""
-    known = set(_FIELDS) | {e.lstrip("-").replace("-", "_") for e in extra}
     for arg in args:
         name = _flag_name(arg)
-        if name is None or name in known:
+        if name is None or name in _FIELDS:
             continue
-        close = difflib.get_close_matches(name, known, n=1)
+        close = difflib.get_close_matches(name, _FIELDS, n=1)
         hint = f"; did you mean --{close[0]}?" if close else ""
         fail(f"unknown flag {arg}{hint} (`--help` lists every option)")
 
 
 def parse_options(argv: Optional[Sequence[str]] = None, prog: str = "tokengs",
-                  extra_flags: Sequence[str] = ()) -> Options:
-    """Parse `PRESET [flags]` or `--config FILE [flags]` into a validated Options."""
+                  extra_flags: Mapping[str, str] = MappingProxyType({})) -> Options:
+    """Parse `PRESET [flags]` or `--config FILE [flags]` into a validated Options.
+
+    extra_flags: the entry point's own `--flag VALUE`s (flag -> one line of help), which it reads
+    from argv itself; they are left out of the options and listed by `--help`.
+    """
     import tyro
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args[:1]) or not args:
-        if not args:
-            fail(f"name a preset or --config FILE; `{prog} --help` lists the presets")
-    config_path = None
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args):
-            fail("--config needs the path of a config.yaml")
-        config_path = args[i + 1]
-        del args[i:i + 2]
-    elif args[0] not in config_defaults and not args[0].startswith("-"):
+    if not args:
+        fail(f"name a preset or --config FILE; `{prog} --help` lists the presets")
+    if args[0] in ("-h", "--help"):
+        print(_overview(prog, extra_flags))
+        raise SystemExit(0)
+    for flag in extra_flags:
+        _pop_flag(args, flag)
+    config_path = _pop_flag(args, "--config", "the path of a config.yaml")
+    if config_path is None and args and args[0] not in config_defaults and not args[0].startswith("-"):
         close = difflib.get_close_matches(args[0], config_defaults, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         fail(f"unknown preset {args[0]!r}{hint}; `{prog} --help` lists the presets")
-    _check_flags(args[0:] if config_path else args[1:], extra_flags)
+    _check_flags(args[0:] if config_path else args[1:])
     args = _normalize_bools(args)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
             if config_path is not None:
                 base = Options.load_yaml(config_path)
-                return tyro.cli(Options, default=base, args=args, prog=prog)
+                return tyro.cli(Options, default=base, args=args, prog=f"{prog} --config {config_path}",
+                                description=f"The options of {config_path}; a flag changes any one of them.")
             configs = {name: (config_doc[name], opt) for name, opt in config_defaults.items()}
             return tyro.extras.overridable_config_cli(configs, args=args, prog=prog)
     except OptionsError as exc:

@@ -3,7 +3,7 @@
 Per scene: reconstruct (one encode + decode), optionally tune the tokens or scene latents on the
 context views, render the targets in chunks, and score them. Scenes are split across processes
 and gathered so that each counts exactly once. Writes W/metrics.txt and W/metrics.json, and
-media for the first eval_n_media_dumps batches.
+media for the first eval_n_media_dumps batches; ends printing the mean scores and the reports' paths.
 """
 
 from __future__ import annotations
@@ -133,6 +133,18 @@ def atomic_text(path: Path, text: str) -> None:
     ws.atomic_write(path, lambda p: p.write_text(text))
 
 
+def result_summary(workspace: Path) -> str:
+    """The run's outcome for the terminal, read back from metrics.json so that it shows exactly
+    what the reports hold: the mean of each quality metric over the scenes and where the reports are."""
+    report = json.loads((workspace / "metrics.json").read_text())
+    means = [f"{name.upper()} {report['summary'][name]['mean']:.4f}" for name in QUALITY if name in report["summary"]]
+    skipped = ", ".join(name.upper() for name in report["not_computed"])
+    skipped = f" ({skipped} not computed)" if skipped else ""
+    return (f"evaluated {report['num_scenes']} scenes: mean {', '.join(means)}{skipped}\n"
+            f"  per-scene scores: {workspace / 'metrics.txt'}\n"
+            f"  machine-readable: {workspace / 'metrics.json'}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +242,8 @@ def _cli_value(args: Sequence[str], flag: str) -> Optional[str]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import sys
 
+    from accelerate import PartialState
+
     from tokengs.models import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -246,6 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         evaluate(opt, checkpoint)
     except CheckpointError as exc:
         fail(str(exc))
+    if PartialState().is_main_process:  # the state evaluate's Accelerator set up; one summary, not one per process
+        print(result_summary(Path(opt.workspace)))
 
 
 if __name__ == "__main__":

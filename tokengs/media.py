@@ -101,15 +101,20 @@ def read_video(path: str | Path) -> np.ndarray:
     return np.stack(frames)
 
 
+PLOT_FONT_SIZE = 13  # pixels
+
+
 def plot_curves(path: str | Path, series: dict[str, Sequence[tuple[float, float]]], title: str = "",
                 size: tuple[int, int] = (640, 360)) -> Path:
     """Line plot of named (x, y) series as a PNG, with axes, ticks and a legend (Pillow only)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     width, height = size
     left, right, top, bottom = 60, 20, 30, 40
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
+    # Pillow's default font at its default 10 px gives a space 2 px, too narrow to read between words
+    draw.font = ImageFont.load_default(size=PLOT_FONT_SIZE)
     points = [(x, y) for values in series.values() for x, y in values if np.isfinite(y)]
     if not points:
         draw.text((left, top), "no data", fill="black")
@@ -125,7 +130,7 @@ def plot_curves(path: str | Path, series: dict[str, Sequence[tuple[float, float]
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for k in range(5):
         y = y0 + (y1 - y0) * k / 4
-        draw.text((4, at(x0, y)[1] - 6), f"{y:.3g}", fill="black")
+        draw.text((4, at(x0, y)[1] - 7), f"{y:.3g}", fill="black")
         x = x0 + (x1 - x0) * k / 4
         draw.text((at(x, y0)[0] - 10, height - bottom + 6), f"{x:.0f}" if x1 - x0 > 8 else f"{x:.3g}", fill="black")
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
@@ -136,6 +141,6 @@ def plot_curves(path: str | Path, series: dict[str, Sequence[tuple[float, float]
             draw.line(line, fill=color, width=2 + 2 * (len(series) - 1 - i))
         elif line:
             draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=color)
-        draw.text((left + 8, top + 4 + 14 * i), name, fill=color)
-    draw.text((left, 8), title, fill="black")
+        draw.text((left + 8, top + 4 + 16 * i), name, fill=color)
+    draw.text((left, 6), title, fill="black")
     return save_png(path, np.asarray(image))

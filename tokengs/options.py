@@ -34,111 +34,196 @@ class OptionsError(ValueError):
 class Options:
     # ---- run -------------------------------------------------------------------------------
     evaluating: bool = False
+    """Options of an evaluation (the eval split, no target-view check); tokengs.evaluate turns it on."""
     workspace: str = "./workspace"
+    """Folder of the run: its config.yaml, checkpoint and logs, or an evaluation's metrics and media."""
     resume: Optional[str] = None
+    """Weights (.safetensors) that training starts from (loading what fits) or that evaluation scores."""
     model_type: str = "tokengs"
+    """The model family; the release has only tokengs."""
     seed: int = 42
+    """Seed of the initial weights, the data order, the choice of views and the augmentation."""
     use_wandb: bool = False
+    """Log to Weights & Biases as well as TensorBoard (WANDB_MODE=offline works without network)."""
     experiment_name: str = "tokengs"
+    """Name of the wandb run."""
     out_dir: str = "outputs"
+    """The release's output folder, unused here: every output goes to the workspace."""
     project_name: str = "TokenGS"
+    """Name of the wandb project."""
 
     # ---- model -----------------------------------------------------------------------------
     img_size: Tuple[int, int] = (256, 256)
+    """Height and width in pixels that every view is cropped and resized to."""
     patch_size: int = 8
-    dec_patch_size: Optional[int] = None  # None -> patch_size, resolved on construction
+    """Edge in pixels of the encoder's image patches."""
+    dec_patch_size: Optional[int] = None
+    """Each Gaussian token decodes dec_patch_size² Gaussians (None: patch_size)."""
     enc_depth: int = 3
+    """Transformer blocks of the image encoder."""
     dec_depth: int = 12
+    """Transformer blocks of the Gaussian-token decoder."""
     enc_embed_dim: int = 1024
+    """Width of the encoder's features."""
     enc_num_heads: int = 16
+    """Attention heads of every encoder and decoder block."""
     mlp_ratio: int = 4
+    """Hidden width of each block's MLP, in multiples of the block's width."""
     clip_head_readout_std: float = 0.002
+    """Standard deviation of the output head's initial weights (larger spreads the first Gaussians more)."""
     clip_head_z_init: Optional[float] = None
+    """Depth in front of the camera where every Gaussian starts (None: where a zero head bias puts it)."""
     dec_init_values: Optional[float] = None
+    """Initial LayerScale of the decoder's branches (None: 5e-3 * gs_token_std)."""
     bg_color: str = "grey"
+    """Background the Gaussians are rendered over: white, black or grey."""
     gaussian_scale_cap: float = 0.075
+    """Largest scale of a Gaussian."""
     opacity_bias: float = 2.0
+    """Subtracted from the raw opacity before its sigmoid, so that Gaussians start mostly transparent."""
     gaussian_z_offset: float = 1.0
+    """Added to every Gaussian's depth after the position activation."""
     num_gs_tokens: int = 1024
+    """Learnable static Gaussian tokens; times dec_patch_size² gives the number of Gaussians."""
     token_dim: int = 1024
+    """Width of the Gaussian tokens and of the decoder."""
     gs_token_std: float = 0.01
+    """Standard deviation of the Gaussian tokens' initialization."""
     num_dynamic_gs_tokens: int = 0
+    """Learnable dynamic Gaussian tokens, which move with time (0: a static model)."""
     init_dynamic_tokens_from_static: bool = False
+    """Start the dynamic tokens from the static ones of a checkpoint that has no dynamic tokens."""
     init_tokens_from_existing: bool = False
+    """Resize a checkpoint's Gaussian tokens to this model's count instead of skipping them."""
     init_latents_from_existing: bool = False
+    """Resize a checkpoint's scene latents to this model's count instead of skipping them."""
 
     # ---- data ------------------------------------------------------------------------------
     data_mode: Tuple[Tuple[str, int], ...] = (("dl3dv_scaled_0.15", 6),)
+    """Datasets as NAME REPEAT pairs: a name with an optional _scaled_X suffix, and its passes per epoch."""
     num_views: int = 8
+    """Views per training sample: the context views and then the target views."""
     num_input_views: int = 4
+    """Context views per sample, the model's input; the views after them are the targets."""
     znear: float = 0.025
+    """Near clipping plane of the rasterizer."""
     zfar: float = 125.0
+    """Far clipping plane of the rasterizer."""
     camera_normalization_method: str = "first_cam"
+    """Frame of the cameras: first_cam (the first context camera's) or mean_cam (the context cameras' mean)."""
     camera_scale_method: str = "constant"
+    """Scale of the camera translations: constant, distance, bound or pointmap (from the depth maps)."""
     pointmap_trim_lo: float = 0.0
+    """Lowest quantile of the point distances that the pointmap scale keeps."""
     pointmap_trim_hi: float = 1.0
+    """Highest quantile of the point distances that the pointmap scale keeps."""
     num_workers: int = 16
+    """Data-loading worker processes of each training process."""
     dataset_kwargs: Optional[Dict[str, str]] = None
+    """Arguments of the datasets as KEY VALUE pairs (root_path DIR, evaluation_json FILE)."""
 
     # ---- optimisation ----------------------------------------------------------------------
     batch_size: int = 8
+    """Scenes per batch of each process, also the scenes of each dataset held out for validation."""
     gradient_accumulation_steps: int = 1
+    """Batches whose gradients make one optimizer step."""
     num_epochs: int = 30
+    """Epochs of training."""
     max_iters_per_epoch: int = 1000000
+    """Most batches of each process in an epoch."""
     lr: float = 0.0004
+    """Peak learning rate of AdamW's one-cycle schedule."""
     pct_start_steps: int = 1000
+    """Optimizer steps of the schedule's warm-up to the peak learning rate."""
     final_div_factor: float = 1000.0
+    """The schedule ends at its starting learning rate (lr / 25) divided by this."""
     gradient_clip: float = 1.0
+    """Largest norm of the gradient (0: no clipping)."""
     mixed_precision: str = "bf16"
+    """Precision of the model on GPUs: no, fp16 or bf16 (runs on the CPU stay float32)."""
     deferred_bp: bool = False
+    """Render without a graph, then backpropagate through one target view at a time (less memory)."""
     use_input_supervision: bool = False
+    """Also supervise the context views (training only)."""
     mean_of_grads: str = "none"
+    """Backpropagate the render loss in chunks to save memory: none, per-scene or per-view."""
     mean_of_grads_scene_chunk_size: int = 1
+    """Scenes in each chunk of mean_of_grads."""
     mean_of_grads_view_chunk_size: Optional[int] = None
+    """Views in each chunk of mean_of_grads per-view (None: one)."""
 
     # ---- losses ----------------------------------------------------------------------------
     rgb_loss_type: str = "l2"
+    """Pixel loss: l1 or l2."""
     lambda_rgb: float = 1.0
+    """Weight of the pixel loss."""
     lambda_lpips: float = 0.0
+    """Weight of the LPIPS loss (needs LPIPS's VGG weights)."""
     lambda_mask: float = 0.0
+    """Weight of the loss between the rendered alpha and the masks of the datasets that have them."""
     lambda_ssim: float = 0.2
+    """Weight of the SSIM loss."""
     lambda_visibility: float = 1.0
+    """Weight of the loss on Gaussians whose centres project outside the target images."""
     visibility_distance_threshold: float = 1.0
+    """Distance outside the image (in [-1, 1] image coordinates) where that loss stops growing (0: never)."""
     lambda_opacity: float = 0.0
+    """Weight of the loss -log(opacity), which pushes opacities up."""
     lambda_dyn_aux: float = 0.0
+    """Weight of the render loss of the dynamic Gaussians alone."""
     lambda_dyn_aux_warmup_steps: int = 0
+    """Optimizer steps that hold that weight before it decays."""
     lambda_dyn_aux_decay_steps: int = 0
+    """Optimizer steps over which that weight falls linearly to lambda_dyn_aux_min (0: it stays)."""
     lambda_dyn_aux_min: float = 0.0
+    """Weight of the dynamic Gaussians' loss after its decay."""
 
     # ---- logging and evaluation ------------------------------------------------------------
     print_freq: int = 10
+    """Log the training loss, PSNR and learning rate every this many optimizer steps."""
     log_image_freq: int = 100
+    """Log histograms of the Gaussians every this many optimizer steps."""
     eval_n_media_dumps: int = 0
+    """Evaluation writes images, videos, depth maps and a PLY for this many first scenes."""
     strict_checkpoint_loading: bool = True
+    """A checkpoint must fit the model exactly; turn off to load what fits (finetuning)."""
     use_ttt_for_eval: bool = False
+    """Evaluation tunes each scene on its context views (test-time tuning) before rendering its targets."""
     ttt_mode: str = "token-tuning"
+    """What test-time tuning adapts: token-tuning (tokens) or scene-latent-tuning (latents)."""
     ttt_n_steps: int = 50
+    """Adam steps of test-time tuning per scene."""
     ttt_lr: float = 0.0001
+    """Learning rate of test-time tuning."""
 
     # ---- dynamic scenes and architecture variants ------------------------------------------
     time_embedding: bool = False
+    """Give the model each view's time (dynamic scenes)."""
     time_embedding_dim: int = 2
+    """Channels of the time embedding (even: cosine and sine pairs)."""
     use_interp_target: bool = False
+    """Dynamic scenes: targets at any frame between the context frames, not only at those frames."""
     use_multiscale_encoder: bool = False
+    """Read the encoder's features from the multiscale_encoder_layers instead of its last layer only."""
     multiscale_encoder_layers: Tuple[int, ...] = (5, 7, 9, 11)
+    """Encoder layers (from 0) whose features the multiscale readout concatenates."""
     use_latent_bottleneck: bool = False
+    """Pass the encoder's features through learnable scene latents, which the decoder then reads."""
     num_latents: int = 4096
+    """Scene latents of the latent bottleneck."""
     latent_cross_attn_depth: int = 12
+    """Blocks in which the scene latents attend to the encoder's features."""
     random_reflect: bool = True
+    """Training mirrors half of the samples left to right, images and cameras."""
 
     # ---- ours (not in the release) ---------------------------------------------------------
+    # Field docs are one line each: tyro breaks a multi-line docstring at every indented line.
     render_backend: str = "auto"
     """Rasterizer: gsplat on CUDA, the pure-PyTorch one on the CPU; auto picks by device."""
+    # Speed and memory only: a Gaussian's tile list is its opacity-aware bounding box, outside of which its
+    # alpha is below 1/255 and skipped, so any tile size renders the same image.
     render_tile_size: int = 16
-    """The rasterizer's tile edge in pixels (gsplat's and the pure-PyTorch one's). Speed and memory
-    only: a Gaussian's tile list is its opacity-aware bounding box, outside of which its alpha is
-    below 1/255 and skipped, so any tile size renders the same image. Large Gaussians (fresh
-    models) render faster with 32: each covers fewer tiles to sort."""
+    """The rasterizer's tile edge in pixels; large Gaussians (fresh models) render faster with 32."""
     eval_metrics: Tuple[str, ...] = ("psnr", "ssim", "lpips")
     """Metrics evaluation computes; drop lpips when its VGG weights are not available."""
     eval_render_chunk_size: int = 8
@@ -153,13 +238,13 @@ class Options:
     """Train again in a workspace that already holds a COMPLETE marker."""
     activation_checkpointing: bool = False
     """Recompute encoder/decoder blocks in backward to save memory."""
+    # fuses each block's norms and elementwise ops; the first steps pay the compilation
     compile_blocks: bool = False
-    """torch.compile each encoder/decoder block (fuses its norms and elementwise ops; the first
-    steps pay the compilation). Weights and checkpoints are unchanged."""
+    """torch.compile each encoder/decoder block; weights and checkpoints are unchanged."""
+    # Token-tuning never captures: its 12-block decode keeps the GPU busy, and capturing it cost more than it
+    # saved (2.17 -> 2.29 s).
     ttt_cuda_graph: bool = True
-    """Scene-latent tuning on CUDA replays its decode as a CUDA graph captured once per scene
-    (H100, eval_dl3dv_latent_6view_ssim, 50 steps: 0.71 -> 0.51-0.59 s). Token-tuning never does: its
-    12-block decode keeps the GPU busy, and capturing it cost more than it saved (2.17 -> 2.29 s)."""
+    """Scene-latent tuning on CUDA replays its decode as a CUDA graph (H100, 50 steps: 0.71 -> 0.51-0.59 s)."""
 
     def __post_init__(self) -> None:
         if self.dec_patch_size is None:

@@ -143,19 +143,30 @@ def startup_problems(opt: Options) -> list[str]:
             problems.append(f"workspace {workspace} holds metadata.json but not {', '.join(missing)}: the checkpoint "
                             "cannot be resumed; restore the files, or start a new --workspace "
                             f"with --resume {workspace / ws.MODEL_FILE} to keep the weights")
-        config = workspace / ws.CONFIG_FILE
-        if config.exists():
-            try:
-                saved = Options.load_yaml(config)
-            except OptionsError as exc:
-                problems.append(str(exc))
-            else:
-                diff = [f"{k} (workspace {v!r}, flags {getattr(opt, k)!r})" for k, v in saved.to_dict().items()
-                        if k not in RESUMABLE_CHANGES and v != opt.to_dict()[k]]
-                if diff:
-                    problems.append(f"{config} disagrees with the flags given: {'; '.join(diff)}. Resume with "
-                                    f"`--config {config}` or choose another --workspace")
+        problems += config_problems(opt)
     return problems
+
+
+def config_problems(opt: Options) -> list[str]:
+    """How the workspace's config.yaml disagrees with opt, besides the RESUMABLE_CHANGES (every difference)."""
+    config = Path(opt.workspace) / ws.CONFIG_FILE
+    if not config.exists():
+        return []
+    try:
+        saved = Options.load_yaml(config)
+    except OptionsError as exc:
+        return [str(exc)]
+    diff = [f"{k} (workspace {v!r}, flags {getattr(opt, k)!r})" for k, v in saved.to_dict().items()
+            if k not in RESUMABLE_CHANGES and v != opt.to_dict()[k]]
+    if not diff:
+        return []
+    return [f"{config} disagrees with the flags given: {'; '.join(diff)}. Run with `--config {config}` or "
+            "choose another --workspace"]
+
+
+def _raise_problems(problems: list[str], before: str) -> None:
+    if problems:
+        raise OptionsError(f"fix {len(problems)} problem(s) before {before}:\n  - " + "\n  - ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +339,9 @@ class Trainer:
                     self.optimizer.step()
                     self.nonfinite_in_row = 0
                 self.optimizer.zero_grad(set_to_none=True)
+                # the lr this step used: after scheduler.step() get_last_lr() is the next step's, and after the
+                # last step OneCycleLR's cosine runs past its end and climbs back up
+                stats["lr"] = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
                 stats["grad_norm"] = grad_norm.detach()
         stats["gaussians"] = packed.detach()
@@ -459,7 +473,7 @@ class Trainer:
         if acc.num_processes > 1:  # the global batch's numbers, not this process's share of it
             loss_psnr = acc.reduce(loss_psnr, reduction="mean")
         loss, psnr = loss_psnr.tolist()
-        lr = self.scheduler.get_last_lr()[0]
+        lr = stats["lr"]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{psnr:.2f}", lr=f"{lr:.2e}", its=f"{steps_per_second:.2f}",
                         mem=f"{mem:.1f}G", skipped=self.nonfinite_total)
@@ -501,13 +515,13 @@ def run(opt: Options) -> bool:
     workspace = Path(opt.workspace)
     if (workspace / ws.COMPLETE_FILE).exists():
         if not opt.retrain:
+            # changed flags would otherwise pass unnoticed, as if they had trained the workspace
+            _raise_problems(config_problems(opt), "running a COMPLETE workspace (--retrain trains it again)")
             log.warning("%s is COMPLETE; nothing to do (pass --retrain to train it again)", workspace)
             return True
         log.warning("--retrain: training %s again from the start; its checkpoint will be replaced", workspace)
         ws.forget_checkpoint(workspace)
-    problems = startup_problems(opt)
-    if problems:
-        raise OptionsError(f"fix {len(problems)} problem(s) before training:\n  - " + "\n  - ".join(problems))
+    _raise_problems(startup_problems(opt), "training")
     trainer = Trainer(opt)
     trainer.setup()
     return trainer.fit()

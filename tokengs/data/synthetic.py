@@ -1,8 +1,8 @@
 """Synthetic scenes in every raw layout, so that the readers, the demo and the tests run with no
 download.
 
-    python -m tokengs.data.synthetic --layout {dl3dv,dl3dv_eval,re10k,kubric} --out DIR --scenes N
-        [--seed S --frames F --height H --width W --cameras C --eval-context K]
+    python -m tokengs.data.synthetic --layout {dl3dv,dl3dv_eval,re10k,kubric} --out DIR
+        [--scenes N --seed S --frames F --height H --width W --cameras C --eval-context K]
 
 A scene is a handful of textured primitives (a room or a ground and a sky dome, boxes, spheres)
 ray-cast with numpy through pixel centers; textures are scikit-image's sample photographs (a
@@ -48,6 +48,10 @@ from tokengs import cameras
 LAYOUTS = ("dl3dv", "dl3dv_eval", "re10k", "kubric")
 # (frames, height, width) per layout: small enough to generate in seconds on one core.
 DEFAULTS = {"dl3dv": (48, 96, 160), "dl3dv_eval": (24, 96, 160), "re10k": (64, 90, 160), "kubric": (24, 96, 96)}
+# The CLI's scene count per layout. dl3dv and dl3dv_eval: the demo's training and held-out counts,
+# because the demo reuses whatever scenes it finds under data/synthetic/ (its presets hold out a
+# batch of 8 or 16 training scenes); re10k and kubric: a few batches, in under half a minute.
+DEFAULT_SCENES = {"dl3dv": 48, "dl3dv_eval": 6, "re10k": 8, "kubric": 8}
 DL3DV_CAPTURE_FACTOR = 4  # DL3DV's transforms.json describes the 4x larger capture
 KUBRIC_FOCAL_MM, KUBRIC_SENSOR_MM = 35.0, 32.0  # Kubric's default camera
 UP = np.array([0.0, 0.0, 1.0])  # the generator's world is z-up
@@ -546,10 +550,11 @@ def _scene_rng(seed: int, layout: str, index: int) -> np.random.Generator:
 
 def generate(layout: str, out, scenes: int, seed: int = 0, frames: Optional[int] = None, height: Optional[int] = None,
              width: Optional[int] = None, cameras_per_scene: int = 9, eval_context: int = 2,
-             progress: bool = False, workers: int = 1) -> List[GeneratedScene]:
+             eval_span: Optional[int] = None, progress: bool = False, workers: int = 1) -> List[GeneratedScene]:
     """Write `scenes` synthetic scenes of a layout under the dataset root `out` (see the module
     docstring) and return what was made, in our conventions, for checks. Scenes are independent:
-    `workers` processes make them in parallel, with the same result as one."""
+    `workers` processes make them in parallel, with the same result as one. dl3dv_eval's
+    evaluation.json takes `eval_context` views over `eval_span` frames (`evaluation_views`)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     default_frames, default_h, default_w = DEFAULTS[layout]
@@ -575,10 +580,27 @@ def generate(layout: str, out, scenes: int, seed: int = 0, frames: Optional[int]
     else:
         made = [make(i) for i in tqdm(range(scenes), **bar)]
     if layout == "dl3dv_eval":
-        context = sorted({round(j * (frames - 1) / max(eval_context - 1, 1)) for j in range(eval_context)})
-        index = {scene.name: {"context": context, "target": list(range(frames))} for scene in made}
+        context, targets = evaluation_views(frames, eval_context, eval_span)
+        index = {scene.name: {"context": context, "target": targets} for scene in made}
         (out / "evaluation.json").write_text(json.dumps(index, indent=1))
     return made
+
+
+def evaluation_views(frames: int, context: int, span: Optional[int] = None) -> Tuple[List[int], List[int]]:
+    """(context, target) frame indices of a synthetic benchmark scene.
+
+    span None: `context` frames evenly over the whole clip, every frame a target (context frames
+    included). span S: `context` frames evenly over S + 1 frames in the middle of the clip and the
+    frames strictly between them as targets, as the RealEstate10K and DL3DV benchmarks sample them:
+    every target lies between two nearby context views."""
+    if span is None:
+        return sorted({round(j * (frames - 1) / max(context - 1, 1)) for j in range(context)}), list(range(frames))
+    if not context - 1 <= span <= frames - 1 or context < 2:
+        raise ValueError(f"eval_span {span}: {context} context views need a span of {context - 1} to "
+                         f"{frames - 1} frames (the clip has {frames})")
+    start = (frames - 1 - span) // 2
+    chosen = sorted({start + round(j * span / (context - 1)) for j in range(context)})
+    return chosen, [f for f in range(chosen[0], chosen[-1] + 1) if f not in chosen]
 
 
 def _write_scene(layout: str, out: Path, seed: int, frames: int, hw, cameras_per_scene: int,
@@ -595,7 +617,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", required=True, choices=LAYOUTS)
     parser.add_argument("--out", required=True, help="dataset root to write (created)")
-    parser.add_argument("--scenes", type=int, required=True)
+    parser.add_argument("--scenes", type=int, help="scenes to write (re10k: train scenes, and a quarter as many, at "
+                        "least 1, for test); default per layout: "
+                        + ", ".join(f"{layout} {count}" for layout, count in DEFAULT_SCENES.items()))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frames", type=int, help="frames per scene (per camera for kubric); default per layout")
     parser.add_argument("--height", type=int, help="image height; default per layout (small)")
@@ -605,7 +629,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes making scenes in parallel")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    made = generate(args.layout, args.out, args.scenes, args.seed, args.frames, args.height, args.width,
+    scenes = DEFAULT_SCENES[args.layout] if args.scenes is None else args.scenes
+    made = generate(args.layout, args.out, scenes, args.seed, args.frames, args.height, args.width,
                     args.cameras, args.eval_context, progress=True, workers=args.workers)
     print(f"wrote {len(made)} {args.layout} scenes to {args.out} in {time.perf_counter() - start:.1f} s")
 
