@@ -1,4 +1,4 @@
-"""Speed and memory of the release's anchor cases (DESIGN.md, "Performance anchors").
+"""Speed and memory of the release's anchor cases: its measured times (RELEASE_MS) beside ours.
 
     python scripts/benchmark.py [--cases train_6view_b4 ttt_6view ...] [--json OUT] [--smoke]
 
@@ -28,13 +28,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tokengs.data.provider import preprocess_views  # noqa: E402
+from tokengs.data.types import Batch, collate  # noqa: E402
 from tokengs.losses import LossComputer  # noqa: E402
 from tokengs.models import TokenGS  # noqa: E402
-from tokengs.models.ttt import test_time_tune  # noqa: E402
 from tokengs.options import Options, get_preset  # noqa: E402
+from tokengs.rendering import render_chunked  # noqa: E402
 from tokengs.train import build_optimizer  # noqa: E402
+from tokengs.ttt import test_time_tune  # noqa: E402
 
-# The anchors: the release on one H100 (DESIGN.md), and our targets (the GPU speed issue).
+# The anchors: the release's times on one H100, measured with its own code, and our targets (the GPU speed issue).
 RELEASE_MS = {"train_6view_b4": 597, "train_6view_b1": 171, "train_latent_b4": 1039, "recon_6view": 56.5,
               "ttt_6view": 6633, "recon_latent": 126, "ttt_latent": 6974}
 TARGET_MS = {"train_6view_b4": 300, "train_latent_b4": 520, "recon_6view": 28, "ttt_6view": 1600,
@@ -75,7 +77,7 @@ def case_options(case: Case, smoke: bool, **switches: bool) -> Options:
     return opt.evolve(**changes)
 
 
-def random_batch(opt: Options, device: torch.device, seed: int = 0) -> dict:
+def random_batch(opt: Options, device: torch.device, seed: int = 0) -> Batch:
     """B scenes of random images through the real input pipeline, seen by cameras on a narrow arc
     around a point 2 units ahead, the context views spread along it and the targets between
     them, so that every view sees the Gaussians of a fresh model (which start 0.1 to 1 unit ahead
@@ -84,8 +86,8 @@ def random_batch(opt: Options, device: torch.device, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     height, width = opt.img_size
     num_views = opt.num_views if not opt.evaluating else opt.num_input_views + 8
-    samples = []
-    for _ in range(opt.batch_size):
+    scenes = []
+    for index in range(opt.batch_size):
         context = torch.linspace(0, num_views - 1, opt.num_input_views).round().long()
         targets = torch.tensor([i for i in range(num_views) if i not in set(context.tolist())], dtype=torch.long)
         angles = torch.linspace(-0.02, 0.02, num_views)[torch.cat([context, targets])]
@@ -94,10 +96,10 @@ def random_batch(opt: Options, device: torch.device, seed: int = 0) -> dict:
         c2ws[:, 0, 3], c2ws[:, 2, 3] = -2 * angles.sin(), 2 - 2 * angles.cos()  # looking at (0, 0, 2)
         intrinsics = torch.tensor([0.8 * width, 0.8 * width, width / 2, height / 2]).repeat(num_views, 1)
         rgbs = torch.rand(num_views, 3, height, width, generator=generator)
-        sample = preprocess_views(opt.evolve(num_views=num_views), rgbs, None, None, c2ws, intrinsics,
-                                  torch.arange(num_views, dtype=torch.float32), scene_scale=1.0)
-        samples.append(sample)
-    return {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0] if torch.is_tensor(samples[0][k])}
+        views = preprocess_views(opt, rgbs, None, None, c2ws, intrinsics, torch.arange(num_views, dtype=torch.float32),
+                                 scene_scale=1.0)
+        scenes.append(Batch.from_views(views, opt.num_input_views, [f"random_{index}"]))
+    return collate(scenes).to(device)
 
 
 # A trained model's Gaussians, roughly: centers spread over the views 0.6 to 6 units ahead, sizes
@@ -109,7 +111,7 @@ SPREAD_RAW = {"xy_std": 0.35, "depth": 2.0, "depth_log_std": 0.5, "scale_mean": 
 
 
 @torch.no_grad()
-def spread_gaussians(model: TokenGS, batch: dict) -> None:
+def spread_gaussians(model: TokenGS, batch: Batch) -> None:
     """Re-draw the activation head so that the fresh model's Gaussians spread like a trained
     model's (SPREAD_RAW) instead of sitting in one clump in front of the cameras, where each covers
     most of the image and rendering costs many times what it costs for a real scene. The weights
@@ -146,7 +148,7 @@ def spread_gaussians(model: TokenGS, batch: dict) -> None:
     draw(rows["opacity"], r["opacity_std"], r["opacity_mean"])
 
 
-def forward_flops(model: TokenGS, batch: dict, autocast) -> float:
+def forward_flops(model: TokenGS, batch: Batch, autocast) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -207,7 +209,7 @@ def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats:
         def step() -> None:
             with autocast():
                 packed = model.forward_gaussians(batch)
-            loss.backward(packed.float(), batch)
+            loss.backward(packed.float(), batch.target)
             torch.nn.utils.clip_grad_norm_(model.parameters(), opt.gradient_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -227,7 +229,7 @@ def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats:
 
             def step() -> None:
                 with autocast():
-                    test_time_tune(model, encoding_cache["encoding"], batch, opt, loss)
+                    test_time_tune(model, encoding_cache["encoding"], batch.context, opt, loss)
 
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -252,16 +254,11 @@ def run_case(name: str, smoke: bool, device: torch.device, warmup: int, repeats:
 
 
 @torch.no_grad()
-def tile_statistics(opt, model: TokenGS, batch: dict) -> dict:
+def tile_statistics(opt, model: TokenGS, batch: Batch) -> dict:
     """What rendering the case's Gaussians costs, in the batch's target views: the mean screen
     radius (px) of the Gaussians in view, and the (Gaussian, tile) pairs per view that the
     rasterizer sorts at the options' tile size (their bounding boxes clipped to the image)."""
-    from tokengs.losses import RenderTargets
-    from tokengs.rendering import render
-
-    targets = RenderTargets.from_dict(batch)
-    out = render(model.gaussians(batch), targets.w2c, targets.intrinsics, opt.img_size, opt.bg_rgb, opt.znear,
-                 opt.zfar, backend=opt.render_backend, tile_size=opt.render_tile_size)
+    out = render_chunked(opt, model.gaussians(batch), batch.target)
     radii, centers = out.radii.float(), out.means2d.float()  # [B, V, N, 2]
     visible = (radii > 0).all(-1)
     tile = opt.render_tile_size

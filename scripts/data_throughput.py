@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from tokengs.data import build_dataset
+from tokengs.data import build_dataset, collate
 from tokengs.data.synthetic import generate
 from tokengs.options import get_preset
 
@@ -38,7 +38,8 @@ def measure(root: Path, samples: int, workers: int) -> dict:
     single = samples / (time.perf_counter() - start)
     result = {"samples_per_s_per_worker": single, "ms_per_sample": 1e3 / single}
     if workers > 0:
-        loader = DataLoader(dataset, batch_size=1, num_workers=workers, shuffle=True, persistent_workers=False)
+        loader = DataLoader(dataset, batch_size=1, num_workers=workers, shuffle=True, persistent_workers=False,
+                            collate_fn=collate)
         start, count = time.perf_counter(), 0
         for _ in loader:
             count += 1

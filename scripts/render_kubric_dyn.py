@@ -40,10 +40,13 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tokengs.cameras import path_through_cameras, project_points  # noqa: E402
+from tokengs.data.types import Batch  # noqa: E402
 from tokengs.gaussians import Gaussians  # noqa: E402
 from tokengs.media import save_video, to_uint8  # noqa: E402
-from tokengs.render_setup import load_for_rendering, rendering_options, scene_range  # noqa: E402
-from tokengs.rendering import render_chunked, render_path, w2c_from_cam_view  # noqa: E402
+from tokengs.rendering import render_chunked, render_path  # noqa: E402
+from tokengs.scene_files import save_scene  # noqa: E402
+
+from render_setup import load_for_rendering, rendering_options, scene_range  # noqa: E402
 
 DEFAULT_PRESET = "finetune_dl3dv_kubric_dyn_release"
 VISIBLE_OPACITY = 0.1  # tracks drawn and counted: dynamic Gaussians at least this opaque on average
@@ -62,26 +65,21 @@ def dynamic_model_problems(opt) -> list[str]:
     return problems
 
 
-def to_batch(sample: dict, device: torch.device) -> dict:
-    return {k: v.unsqueeze(0).to(device) for k, v in sample.items() if torch.is_tensor(v)}
-
-
 @torch.no_grad()
-def decode_over_time(model, samples: list[dict], device: torch.device) -> list[Gaussians]:
-    """The context (identical in every sample) encoded once, decoded at each sample's first target
-    time -> one Gaussians [1, N] per sample."""
-    encoding = model.encode(to_batch(samples[0], device))
+def decode_over_time(model, batches: list[Batch]) -> list[Gaussians]:
+    """The context (identical in every batch) encoded once, decoded at each batch's first target
+    time -> one Gaussians [1, N] per batch."""
+    encoding = model.encode(batches[0])
     decoded = []
-    for sample in samples:
-        at_time = dataclasses.replace(encoding, target_time_tokens=model.target_time_tokens(to_batch(sample, device)))
+    for batch in batches:
+        at_time = dataclasses.replace(encoding, target_time_tokens=model.target_time_tokens(batch))
         decoded.append(Gaussians.unpack(model.decode(at_time).float()))
     return decoded
 
 
-def render_views(opt, gaussians: Gaussians, batch: dict, views: slice = slice(None)) -> Tensor:
+def render_views(opt, gaussians: Gaussians, batch: Batch, views: slice = slice(None)) -> Tensor:
     """Gaussians [1, N] seen from the batch's target cameras (a slice of them) -> [V, 3, H, W]."""
-    cameras = {"cam_view": batch["cam_view"][:, views], "intrinsics": batch["intrinsics"][:, views]}
-    return render_chunked(opt, gaussians, cameras, chunk_size=8).images[0].clamp(0, 1)
+    return render_chunked(opt, gaussians, batch.target.select(views=views), chunk_size=8).images[0].clamp(0, 1)
 
 
 def draw_tracks(frame: np.ndarray, pixels: np.ndarray, depths: np.ndarray, upto: int, colors: np.ndarray) -> np.ndarray:
@@ -97,18 +95,18 @@ def draw_tracks(frame: np.ndarray, pixels: np.ndarray, depths: np.ndarray, upto:
     return frame
 
 
-def scene_flow(opt, over_time: list[Gaussians], batches: list[dict], dynamic: Tensor) -> dict[str, Tensor]:
+def scene_flow(opt, over_time: list[Gaussians], batches: list[Batch], dynamic: Tensor) -> dict[str, Tensor]:
     """The dynamic Gaussians' means over time [T, N_dyn, 3], their opacities and colors, projected
     into the first context camera; each track's length; whether it starts on a pixel where the
     ground truth of that camera changes over the span, and whether it is visible there."""
     means = torch.stack([g.means[0, dynamic] for g in over_time]).cpu()
     opacities = torch.stack([g.opacities[0, dynamic] for g in over_time]).cpu()
     colors = torch.stack([g.colors[0, dynamic] for g in over_time]).cpu()
-    w2c = w2c_from_cam_view(batches[0]["cam_view"][0, 0]).cpu()
-    pixels, depths = project_points(means, w2c, batches[0]["intrinsics"][0, 0].cpu())
+    targets = batches[0].target  # the first is the first context camera
+    pixels, depths = project_points(means, targets.w2c[0, 0].cpu(), targets.intrinsics[0, 0].cpu())
     motion = (means[1:] - means[:-1]).norm(dim=-1).sum(0) if len(means) > 1 else torch.zeros(means.shape[1])
     height, width = opt.img_size
-    gt = torch.stack([b["images_output"][0, 0] for b in batches]).cpu()  # [T, 3, H, W]
+    gt = torch.stack([b.target.images[0, 0] for b in batches]).cpu()  # [T, 3, H, W]
     moving_pixels = (gt - gt[:1]).abs().amax(dim=(0, 1)) > MOVING_PIXEL_CHANGE
     centers = pixels - 0.5  # pixel (i, j) is centered at (i + 0.5, j + 0.5)
     u, v = centers[0, :, 0].round().long(), centers[0, :, 1].round().long()
@@ -141,11 +139,11 @@ def render_scene(model, opt, dataset, index: int, out: Path, args, device: torch
     frames = list(range(context_frames[0], context_frames[-1] + 1))
     # every context camera at each frame of the span: the first target (the first context camera)
     # sets the decoding time; all of them give the ground truth for inputs_vs_gt
-    samples = [dataset.load(index, targets=[c * num_frames + f for c in context_cameras]) for f in frames]
-    out = out / samples[0]["scene_name"].replace("/", "_")
+    batches = [dataset.load(index, targets=[c * num_frames + f for c in context_cameras]).to(device) for f in frames]
+    name = batches[0].scene_names[0]
+    out = out / name.replace("/", "_")
     out.mkdir(parents=True, exist_ok=True)
-    over_time = decode_over_time(model, samples, device)
-    batches = [to_batch(s, device) for s in samples]
+    over_time = decode_over_time(model, batches)
     dynamic = model.dynamic_gaussian_mask().to(device)
     first_camera = slice(0, 1)
 
@@ -158,19 +156,21 @@ def render_scene(model, opt, dataset, index: int, out: Path, args, device: torch
         "dynamic_only": each_time(lambda g, b: render_views(opt, g.select(dynamic), b, first_camera)[0]),
         "static_only": each_time(lambda g, b: render_views(opt, g.select(~dynamic), b, first_camera)[0]),
         "inputs_vs_gt": each_time(lambda g, b: torch.cat([torch.cat(list(render_views(opt, g, b)), dim=-1),
-                                                           torch.cat(list(b["images_output"][0].clamp(0, 1)), dim=-1)],
+                                                           torch.cat(list(b.target.images[0].clamp(0, 1)), dim=-1)],
                                                           dim=-2)),
     }
     # the camera moves through the context cameras while time runs over the span
-    path = path_through_cameras(batches[0]["cam_to_world_input"][0, : len(context_cameras)].double().cpu(),
+    context = batches[0].context
+    path = path_through_cameras(context.c2w[0, : len(context_cameras)].double().cpu(),
                                 args.trajectory_frames).float().to(device)
     time_of_frame = np.round(np.linspace(0, len(frames) - 1, args.trajectory_frames)).astype(int)
-    intrinsics = batches[0]["intrinsics_input"][0, 0]
+    intrinsics = context.intrinsics[0, 0]
     videos["trajectory"] = torch.cat([render_path(opt, over_time[t], path[k:k + 1], intrinsics)
                                       for k, t in enumerate(time_of_frame)]).cpu()
 
     flow = scene_flow(opt, over_time, batches, dynamic)
     np.savez(out / "tracks.npz", frames=np.array(frames), **{k: v.numpy() for k, v in flow.items()})
+    save_scene(over_time[0].scene(0), batches[0].context, out / "gaussians.ply")  # the tracks start at its means
     videos["tracks"] = tracks_video(fixed, flow, args.tracks)
     written = {key: str(save_video(out / f"{key}.mp4", value, fps=args.fps)) for key, value in videos.items()}
     written["tracks_npz"] = str(out / "tracks.npz")
@@ -180,7 +180,7 @@ def render_scene(model, opt, dataset, index: int, out: Path, args, device: torch
     def mean_motion(mask: Tensor):
         return float(motion[mask].mean()) if bool(mask.any()) else None
 
-    return {"scene": samples[0]["scene_name"], "frames": frames, "context_cameras": context_cameras,
+    return {"scene": name, "frames": frames, "context_cameras": context_cameras,
             "files": written, "dynamic_gaussians": int(dynamic.sum()), "visible_dynamic": int(visible.sum()),
             "mean_motion_on_moving_pixels": mean_motion(visible & on_moving),
             "mean_motion_elsewhere": mean_motion(visible & ~on_moving),

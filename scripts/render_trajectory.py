@@ -22,21 +22,24 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tokengs.cameras import path_through_cameras  # noqa: E402
-from tokengs.gaussians import Gaussians, save_ply  # noqa: E402
+from tokengs.data.types import Batch  # noqa: E402
+from tokengs.gaussians import Gaussians  # noqa: E402
 from tokengs.media import save_video  # noqa: E402
 from tokengs.models import TokenGS  # noqa: E402
 from tokengs.options import Options  # noqa: E402
-from tokengs.render_setup import in_layout_of_root, load_for_rendering, rendering_options, scene_range  # noqa: E402
 from tokengs.rendering import render_path  # noqa: E402
+from tokengs.scene_files import save_scene  # noqa: E402
+
+from render_setup import in_layout_of_root, load_for_rendering, rendering_options, scene_range  # noqa: E402
 
 
 @torch.no_grad()
-def render_scene(model: TokenGS, opt: Options, sample: dict, frames: int, device: torch.device) -> tuple[Tensor, Gaussians]:
-    """One sample -> the path's frames [F, 3, H, W] in [0, 1] and the scene's Gaussians [N, ...]."""
-    batch = {k: v.unsqueeze(0).to(device) for k, v in sample.items() if torch.is_tensor(v)}
+def render_scene(model: TokenGS, opt: Options, batch: Batch, frames: int) -> tuple[Tensor, Gaussians]:
+    """One scene (on the model's device) -> the path's frames [F, 3, H, W] in [0, 1] and its Gaussians [N, ...]."""
     gaussians = Gaussians.unpack(model.forward_gaussians(batch).float())
-    path = path_through_cameras(batch["cam_to_world_input"][0].double().cpu(), frames).float().to(device)
-    return render_path(opt, gaussians, path, batch["intrinsics_input"][0, 0]).cpu(), gaussians.scene(0)
+    context = batch.context
+    path = path_through_cameras(context.c2w[0].double().cpu(), frames).float().to(context.w2c.device)
+    return render_path(opt, gaussians, path, context.intrinsics[0, 0]).cpu(), gaussians.scene(0)
 
 
 def main(argv=None) -> None:
@@ -62,12 +65,11 @@ def main(argv=None) -> None:
     model, dataset, device = load_for_rendering(opt, Path(args.ckpt), problems, "rendering")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for index in scene_range(dataset, args.scene_idx, args.n_scenes):
-        sample = dataset[index]
-        frames, gaussians = render_scene(model, opt, sample, args.frames, device)
-        name = sample["scene_name"]
+        batch = dataset[index].to(device)
+        frames, gaussians = render_scene(model, opt, batch, args.frames)
+        name = batch.scene_names[0]
         video = save_video(args.out_dir / f"trajectory_{name}.mp4", frames, fps=args.fps)
-        ply = args.out_dir / f"gaussians_{name}.ply"
-        save_ply(gaussians, ply)
+        ply = save_scene(gaussians, batch.context, args.out_dir / f"gaussians_{name}.ply")
         print(f"scene {index} ({name}): {video}, {ply}")
 
 

@@ -1,12 +1,16 @@
-"""Shared test helpers: where the release's reference fixtures live, and running on one thread."""
+"""Shared test helpers: where the release's reference fixtures live, running on one thread, and
+target views built from images and cameras."""
 
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
+
+from tokengs.data.types import Views
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +76,14 @@ def two_process_launch(port: int) -> list:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
             str(port)]
+
+
+def target_views(images: torch.Tensor, w2c: torch.Tensor, intrinsics: torch.Tensor,
+                 masks: Optional[torch.Tensor] = None, has_mask: Optional[torch.Tensor] = None) -> Views:
+    """Views [B, V] for the loss and the renderer: images, cameras and optional masks (has_mask [B]
+    per scene; without masks all ones, applying nowhere). Times 0, rays zero: neither reads them."""
+    lead = images.shape[:2]
+    if masks is None:
+        masks, has_mask = torch.ones_like(images[:, :, :1]), torch.zeros(lead[0], dtype=torch.bool)
+    return Views(images=images, masks=masks, has_mask=has_mask[:, None].expand(lead), w2c=w2c, intrinsics=intrinsics,
+                 timesteps=torch.zeros(lead), rays=torch.zeros(*lead, 6, *images.shape[-2:], dtype=images.dtype))

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tokengs import cameras
-from tokengs.data import DataLoadError, build_dataset, dataset_root_problems, parse_name
+from tokengs.data import DataLoadError, build_dataset, collate, dataset_root_problems, parse_name
 from tokengs.data.check import main as check_main
 from tokengs.data.dl3dv import DL3DVReader
 from tokengs.data.dl3dv_eval import DL3DVEvalReader, read_points3d_bin
@@ -103,23 +103,22 @@ def test_dataset_sample_carries_generator_cameras(synthetic, layout):
     root, made = synthetic[layout]
     opt = tiny(layout, root)
     dataset = build_dataset(opt, "eval" if opt.evaluating else "train")
-    sample = dataset[0]
-    scene = next(s for s in made if s.name == sample["scene_name"])
-    assert sample["input"].shape[1:] == (3 + (opt.time_embedding_dim if opt.time_embedding else 0) + 6,
-                                         *opt.img_size)
+    views = dataset[0].all_views()
+    scene = next(s for s in made if s.name == dataset[0].scene_names[0])
+    assert views.images.shape[2:] == (3, *opt.img_size) and views.rays.shape[2:] == (6, *opt.img_size)
     if layout == "kubric":
         return  # timesteps do not identify a view of a multi-camera scene; the reader test covers it
-    frames = sample["timesteps"].long().numpy()
+    frames = views.timesteps[0].long().numpy()
     c2ws = torch.from_numpy(scene.c2ws[frames])
     expected = cameras.normalize_cameras(c2ws, opt.num_input_views, opt.camera_normalization_method)
     if opt.camera_scale_method == "distance":
         expected = cameras.scale_translations(expected, 1.0 / float(expected[1, :3, 3].norm()))
-    got = cameras.cam_view_to_c2w(sample["cam_view_all"].double())
+    got = torch.linalg.inv(views.w2c[0].double())
     if not torch.allclose(got, expected, atol=1e-4):  # the sample may have been reflected
         got = cameras.reflect_c2w(got)
     assert relative(got, expected) <= 1e-5
     intrinsics = cameras.crop_resize_intrinsics(torch.from_numpy(scene.intrinsics[frames]), HW, opt.img_size)
-    ours = sample["intrinsics_all"].double()
+    ours = views.intrinsics[0].double()
     if not torch.allclose(ours, intrinsics, atol=1e-4):
         ours = cameras.reflect_intrinsics(ours, opt.img_size[1])
     assert relative(ours, intrinsics) <= 1e-5
@@ -393,16 +392,17 @@ def test_training_views_reproducible_per_seed_and_epoch(synthetic):
     for epoch in (0, 3):
         a.set_epoch(epoch), b.set_epoch(epoch)
         for i in range(len(a)):
-            sa, sb = a[i], b[i]
-            assert torch.equal(sa["timesteps"], sb["timesteps"]) and torch.equal(sa["input"], sb["input"])
-            context = sa["timesteps"][:3].tolist()
+            sa, sb = a[i].all_views(), b[i].all_views()
+            assert torch.equal(sa.timesteps, sb.timesteps) and torch.equal(sa.images, sb.images)
+            assert torch.equal(sa.w2c, sb.w2c)
+            context = sa.timesteps[0, :3].tolist()
             assert context == sorted(context) and context[-1] - context[0] >= min(10, FRAMES["dl3dv"] - 1)
     a.set_epoch(0)
-    first = [a[i]["timesteps"] for i in range(len(a))]
+    first = [a[i].all_views().timesteps for i in range(len(a))]
     changed = False
     for epoch in range(1, 6):
         a.set_epoch(epoch)
-        changed |= any(not torch.equal(a[i]["timesteps"], first[i]) for i in range(len(a)))
+        changed |= any(not torch.equal(a[i].all_views().timesteps, first[i]) for i in range(len(a)))
     assert changed
 
 
@@ -412,9 +412,11 @@ def test_splits_hold_out_last_batch_and_collate(synthetic):
     train, val = build_dataset(opt, "train"), build_dataset(opt, "val")
     names = sorted(s.name for s in made)
     assert len(train) == 2 * (len(made) - 1) and len(val) == 1
-    assert val[0]["scene_name"] == names[-1]
-    batch = next(iter(DataLoader(train, batch_size=2)))
-    assert batch["input"].shape == (2, opt.num_views, 9, *opt.img_size) and len(batch["scene_name"]) == 2
+    assert val[0].scene_names == (names[-1],)
+    batch = next(iter(DataLoader(train, batch_size=2, collate_fn=collate)))
+    assert batch.context.images.shape == (2, opt.num_input_views, 3, *opt.img_size)
+    assert batch.target.rays.shape == (2, opt.num_views - opt.num_input_views, 6, *opt.img_size)
+    assert len(batch.scene_names) == 2
 
 
 def test_eval_uses_the_json_views(synthetic):
@@ -423,9 +425,10 @@ def test_eval_uses_the_json_views(synthetic):
     index = json.loads((root / "evaluation.json").read_text())
     dataset = build_dataset(opt, "eval")
     sample = dataset[0]
-    entry = index[sample["scene_name"]]
-    assert sample["timesteps"].long().tolist() == entry["context"] + entry["target"]
-    assert sample["images_output"].shape[0] == len(entry["target"])
+    entry = index[sample.scene_names[0]]
+    assert sample.context.timesteps[0].long().tolist() == entry["context"]
+    assert sample.target.timesteps[0].long().tolist() == entry["target"]
+    assert sample.target.num_views == len(entry["target"])
     with pytest.raises(DataLoadError, match="context views"):
         build_dataset(opt.evolve(num_input_views=3), "eval")
 
@@ -446,7 +449,6 @@ def test_camera_conventions_round_trip():
     c2w = torch.eye(4, dtype=torch.float64).repeat(16, 1, 1)
     c2w[:, :3, :3], c2w[:, :3, 3] = r, torch.from_numpy(rng.normal(size=(16, 3)))
     assert torch.allclose(cameras.nerfstudio_to_opencv(cameras.opencv_to_nerfstudio(c2w)), c2w, atol=1e-12)
-    assert torch.allclose(cameras.cam_view_to_c2w(cameras.c2w_to_cam_view(c2w)), c2w, atol=1e-10)
     assert torch.allclose(cameras.reflect_c2w(cameras.reflect_c2w(c2w)), c2w)
     w2c = torch.linalg.inv(c2w)[:, :3]
     assert torch.allclose(cameras.w2c_to_c2w(w2c), c2w, atol=1e-10)
@@ -479,6 +481,9 @@ def test_rays_and_time_embedding():
     emb = cameras.time_embedding(torch.tensor([2.0, 4.0, 3.0]), 4)
     t = torch.tensor([0.0, 1.0, 0.5])
     assert torch.allclose(emb, torch.stack([torch.cos(t), torch.cos(t / 100), torch.sin(t), torch.sin(t / 100)], -1))
+    # scenes of a batch: each rescaled by its own span; one with a single time is all at 0
+    batched = cameras.time_embedding(torch.tensor([[2.0, 4.0, 3.0], [5.0, 5.0, 5.0]]), 4)
+    assert torch.equal(batched[0], emb) and torch.equal(batched[1], cameras.time_embedding(torch.zeros(3), 4))
 
 
 def test_pointmap_scale_matches_an_independent_computation(synthetic):
@@ -512,11 +517,11 @@ def test_pointmap_scale_matches_an_independent_computation(synthetic):
     assert abs(trimmed - 0.7 / np.mean(kept)) / trimmed < 1e-5
     # and through preprocess_views: the second context camera's translation is scaled by it
     opt = get_preset("tiny_kubric_dyn").evolve(camera_normalization_method="first_cam")
-    out = preprocess_views(opt, torch.rand(4, 3, *HW), None, torch.from_numpy(scene.depths[picks + picks])[:, None],
-                           torch.from_numpy(c2ws[[0, 1, 0, 1]]).float(), torch.from_numpy(ks[[0, 1, 0, 1]]).float(),
-                           torch.arange(4.0), 0.7)
+    views = preprocess_views(opt, torch.rand(4, 3, *HW), None, torch.from_numpy(scene.depths[picks + picks])[:, None],
+                             torch.from_numpy(c2ws[[0, 1, 0, 1]]).float(), torch.from_numpy(ks[[0, 1, 0, 1]]).float(),
+                             torch.arange(4.0), 0.7)
     translation = (first_inv @ c2ws[1])[:3, 3] * expected
-    assert relative(out["cam_to_world_input"][1, :3, 3], translation) < 1e-5
+    assert relative(views.c2w[0, 1, :3, 3], translation) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,7 +623,7 @@ def test_broken_scene_is_replaced_in_training_and_fatal_in_evaluation(synthetic,
     dataset = build_dataset(opt, "train")
     samples = [dataset[i] for i in range(len(dataset))]
     assert dataset.load_failures >= 1 and dataset.consecutive_failures == 0
-    assert all(s["scene_name"] != broken.stem for s in samples)
+    assert all(s.scene_names[0] != broken.stem for s in samples)
     eval_opt = get_preset("tiny_eval").evolve(data_mode=(("dl3dv", 1),), dataset_kwargs={"root_path": str(tmp_path)})
     with pytest.raises(DataLoadError, match=str(broken.name)):
         build_dataset(eval_opt, "eval")[0]
@@ -633,7 +638,7 @@ def test_evaluation_json_null_entries_are_skipped(synthetic, tmp_path):
     path.write_text(json.dumps(index))
     opt = tiny("dl3dv_eval", root, dataset_kwargs={"root_path": str(root), "evaluation_json": str(path)})
     dataset = build_dataset(opt, "eval")
-    assert len(rest) == 2 and [dataset[i]["scene_name"] for i in range(len(dataset))] == rest
+    assert len(rest) == 2 and [dataset[i].scene_names[0] for i in range(len(dataset))] == rest
 
 
 def test_orbit_path_circles_the_mean_camera_in_its_image_plane():
@@ -654,20 +659,21 @@ def test_orbit_path_circles_the_mean_camera_in_its_image_plane():
 
 
 def test_input_supervision_makes_every_view_a_training_target(synthetic):
-    """use_input_supervision: in training the targets are all views, context first (so a sample
-    with no view beyond the context still has targets); validation keeps the views after the
-    context."""
+    """use_input_supervision: the training loss renders every view, the context first (so a sample
+    with no view beyond the context still has targets); without it, the targets alone."""
+    from tokengs.train import supervised_views
+
     root, _ = synthetic["dl3dv"]
     for num_views in (2, 4):
         opt = tiny("dl3dv", root, num_views=num_views, num_input_views=2, use_input_supervision=True)
-        sample = build_dataset(opt, "train")[0]
-        assert torch.equal(sample["images_output"], sample["images_all"])
-        assert torch.equal(sample["cam_view"], sample["cam_view_all"])
-        assert torch.equal(sample["intrinsics"], sample["intrinsics_all"])
-        assert sample["masks_output"].shape[0] == num_views
-    opt = tiny("dl3dv", root, num_views=4, num_input_views=2, use_input_supervision=True)
-    held_out = build_dataset(opt, "val")[0]
-    assert torch.equal(held_out["images_output"], held_out["images_all"][2:])
+        batch = build_dataset(opt, "train")[0]
+        supervised, every_view = supervised_views(opt, batch), batch.all_views()
+        assert supervised.num_views == num_views
+        assert torch.equal(supervised.images, every_view.images) and torch.equal(supervised.w2c, every_view.w2c)
+        assert torch.equal(supervised.intrinsics, every_view.intrinsics) and supervised.masks.shape[1] == num_views
+    opt = tiny("dl3dv", root, num_views=4, num_input_views=2)
+    batch = build_dataset(opt, "train")[0]
+    assert supervised_views(opt, batch) is batch.target
 
 
 def test_input_supervision_loss_counts_the_context_views(synthetic):
@@ -677,19 +683,44 @@ def test_input_supervision_loss_counts_the_context_views(synthetic):
     from tokengs.metrics import psnr
     from tokengs.models import TokenGS
     from tokengs.rendering import render_chunked
+    from tokengs.train import supervised_views
 
     root, _ = synthetic["dl3dv"]
     opt = tiny("dl3dv", root, num_views=3, num_input_views=2, use_input_supervision=True, lambda_ssim=0.0,
                lambda_visibility=0.0, random_reflect=False)
     torch.manual_seed(0)
     model = TokenGS(opt).eval()
-    sample = build_dataset(opt, "train")[0]
-    batch = {k: v.unsqueeze(0) for k, v in sample.items() if torch.is_tensor(v)}
+    batch = build_dataset(opt, "train")[0]
+    every_view = batch.all_views()
     with torch.no_grad():
         packed = model(batch)
-        out = LossComputer(opt).evaluate(packed, batch)
-        render = render_chunked(opt, packed, batch)
-    assert render.images.shape[1] == 3
-    mse = (render.images - batch["images_all"]).square().mean()
+        out = LossComputer(opt).evaluate(packed, supervised_views(opt, batch))
+        context, target = render_chunked(opt, packed, batch.context), render_chunked(opt, packed, batch.target)
+    images = torch.cat([context.images, target.images], dim=1)
+    assert images.shape[1] == 3
+    mse = (images - every_view.images).square().mean()
     assert float(out.loss) == pytest.approx(float(mse), rel=1e-5)
-    assert float(out.psnr[0]) == pytest.approx(float(psnr(render.images, batch["images_all"])[0]), rel=1e-5)
+    assert float(out.psnr[0]) == pytest.approx(float(psnr(images, every_view.images)[0]), rel=1e-5)
+
+
+def test_release_adapter_round_trips_a_batch(synthetic):
+    """to_release_dict then from_release_dict gives the batch back (the context images through the
+    normalized RGB of `input`, up to rounding), and the model sees the same views in both forms;
+    without `timesteps` the times come back from the time channels and embed to the same ones."""
+    from tokengs.data.release_batch import from_release_dict, to_release_dict
+    from tokengs.models.encoder_input import view_time_embeddings
+
+    root, _ = synthetic["kubric"]
+    opt = tiny("kubric", root)  # time embedding on: the time channels are in `input`
+    batch = build_dataset(opt, "train")[0]
+    release = to_release_dict(batch, opt)
+    assert release["input"].shape[2] == 3 + opt.time_embedding_dim + 6
+    back = from_release_dict(release)
+    assert back.scene_names == batch.scene_names
+    for ours, theirs in ((batch.context, back.context), (batch.target, back.target)):
+        for name in ("images", "masks", "w2c", "intrinsics", "timesteps", "rays"):
+            assert torch.allclose(getattr(ours, name), getattr(theirs, name), atol=1e-5), name
+        assert torch.equal(ours.has_mask, theirs.has_mask)
+    without_times = from_release_dict({k: v for k, v in release.items() if k != "timesteps"})
+    assert torch.allclose(view_time_embeddings(without_times, opt.time_embedding_dim),
+                          view_time_embeddings(batch, opt.time_embedding_dim), atol=1e-6)

@@ -50,10 +50,9 @@ def test_training_follows_the_auxiliary_weight_schedule(kubric_root, tmp_path):
 
 def test_static_and_dynamic_gaussians_partition_the_full_set(kubric_root):
     from tokengs.data import build_dataset
-    from torch.utils.data import default_collate
 
     opt = get_preset("tiny_kubric_dyn").evolve(dataset_kwargs={"root_path": str(kubric_root)})
-    batch = default_collate([build_dataset(opt, "val")[0]])
+    batch = build_dataset(opt, "val")[0]
     torch.manual_seed(0)
     model = TokenGS(opt).eval()
     with torch.no_grad():
@@ -125,10 +124,9 @@ def test_tracks_hold_each_dynamic_gaussian_at_each_time_as_decoded_directly(rend
         num_frames = meta.grid[1]
         first_camera = scene["context_cameras"][0]
         for t, frame in enumerate(frames):  # decoded again, the whole model at once, for that frame alone
-            sample = dataset.load(index, targets=[first_camera * num_frames + frame])
+            batch = dataset.load(index, targets=[first_camera * num_frames + frame])
             with torch.no_grad():
-                gaussians = Gaussians.unpack(model.forward_gaussians({k: v[None] for k, v in sample.items()
-                                                                      if torch.is_tensor(v)}))
+                gaussians = Gaussians.unpack(model.forward_gaussians(batch))
             assert np.allclose(tracks["means"][t], gaussians.means[0, dynamic].numpy(), atol=1e-5)
         motion = np.linalg.norm(np.diff(tracks["means"], axis=0), axis=-1).sum(0)
         assert np.allclose(tracks["motion"], motion, atol=1e-5)

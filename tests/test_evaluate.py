@@ -24,8 +24,8 @@ from tokengs.data.synthetic import generate
 from tokengs.evaluate import main as evaluate_main
 from tokengs.gaussians import PLY_MIN_OPACITY, load_ply
 from tokengs.losses import LossComputer
+from tokengs import ttt  # not its function by name: pytest would collect test_time_tune
 from tokengs.models import TokenGS, load_model_checkpoint
-from tokengs.models import ttt  # not its function by name: pytest would collect test_time_tune
 from tokengs.options import get_preset
 from tokengs.rendering import render_chunked
 from conftest import ONE_THREAD_ENV, free_port, two_process_launch
@@ -204,10 +204,10 @@ def test_every_media_file_exists_and_decodes(data, single):
 
 # ---- test-time tuning -------------------------------------------------------------------------
 
-def context_psnr(opt, packed: torch.Tensor, batch: dict) -> float:
+def context_psnr(opt, packed: torch.Tensor, batch) -> float:
     """PSNR of the Gaussians rendered into the context cameras against the context images (all views' pixels)."""
-    render = render_chunked(opt, packed, {"cam_view": batch["cam_view_input"], "intrinsics": batch["intrinsics_input"]})
-    return float(-10 * torch.log10((render.images - batch["images_input"]).square().mean()))
+    render = render_chunked(opt, packed, batch.context)
+    return float(-10 * torch.log10((render.images - batch.context.images).square().mean()))
 
 
 # tiny_eval's 10 steps at 1e-2 for the tokens. The tiny latent model's decoder reads the latents'
@@ -224,12 +224,12 @@ def test_test_time_tuning_raises_context_psnr_and_leaves_weights_unchanged(data,
     load_model_checkpoint(model, workspace / "model.safetensors", opt)
     model.eval()
     weights = {name: value.clone() for name, value in model.state_dict().items()}
-    batch = {k: v.unsqueeze(0) for k, v in build_dataset(opt, "eval")[0].items() if torch.is_tensor(v)}
+    batch = build_dataset(opt, "eval")[0]
 
     with torch.no_grad():
         encoding = model.encode(batch)
         before = context_psnr(opt, model.decode(encoding, use_target_time=False), batch)
-    tuned = ttt.test_time_tune(model, encoding, batch, opt, LossComputer(opt))
+    tuned = ttt.test_time_tune(model, encoding, batch.context, opt, LossComputer(opt))
     after = context_psnr(opt, tuned, batch)
     print(f"{opt.resolved_ttt_mode}: context PSNR {before:.3f} -> {after:.3f} dB")
 
@@ -245,11 +245,11 @@ def test_chunked_target_renders_equal_one_render(data):
     opt = get_preset("tiny_eval").evolve(dataset_kwargs={"root_path": str(data.eval_root)})
     model = TokenGS(opt)
     load_model_checkpoint(model, data.plain / "model.safetensors", opt)
-    batch = {k: v.unsqueeze(0) for k, v in build_dataset(opt, "eval")[1].items() if torch.is_tensor(v)}
+    batch = build_dataset(opt, "eval")[1]
     with torch.no_grad():
         packed = model.eval().forward_gaussians(batch)
-        whole = render_chunked(opt, packed, batch)
-        chunked = render_chunked(opt, packed, batch, chunk_size=3)  # 3 + 3 + 2 views
+        whole = render_chunked(opt, packed, batch.target)
+        chunked = render_chunked(opt, packed, batch.target, chunk_size=3)  # 3 + 3 + 2 views
     assert whole.images.shape == (1, TARGETS, 3, HEIGHT, WIDTH)
     for name in ("images", "alphas", "depths"):
         assert torch.equal(getattr(chunked, name), getattr(whole, name)), name

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -30,7 +31,7 @@ import pytest
 import torch
 
 from tokengs import workspace as ws
-from tokengs.data import build_dataset
+from tokengs.data import Batch, build_dataset
 from tokengs.data.check import main as check_main
 from tokengs.data.scene import DataLoadError
 from tokengs.data.synthetic import generate
@@ -150,7 +151,8 @@ def assert_skipped_in_training(opt, bad: dict, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="tokengs.data"):
         for index in range(len(dataset)):
             sample = dataset[index]
-            assert sample["scene_name"] not in bad and torch.isfinite(sample["input"]).all()
+            assert sample.scene_names[0] not in bad
+            assert torch.isfinite(sample.context.images).all() and torch.isfinite(sample.context.rays).all()
     logged = [r.getMessage() for r in caplog.records if "skipping scene" in r.getMessage()]
     for reason in set(bad.values()):
         (line,) = [m for m in logged if reason in m]
@@ -405,17 +407,19 @@ def test_disk_full_while_saving_stops_with_a_clear_error_and_the_last_checkpoint
 # Numerics
 # ---------------------------------------------------------------------------------------------
 
-def poison_images(batch: dict) -> dict:
-    poisoned = batch["input"].clone()
-    poisoned[:, :, :3] = float("nan")  # the encoder's RGB channels
-    return dict(batch, input=poisoned)
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
 
 
-def poison_cameras(batch: dict) -> dict:
+def poison_images(batch: Batch) -> Batch:
+    # what the encoder sees
+    return replace(batch, context=replace(batch.context, images=nan_like(batch.context.images)))
+
+
+def poison_cameras(batch: Batch) -> Batch:
     # every camera of the sample: the encoder's rays and the target cameras the loss renders into
-    poisoned = batch["input"].clone()
-    poisoned[:, :, 3:] = float("nan")
-    return dict(batch, input=poisoned, cam_view=torch.full_like(batch["cam_view"], float("nan")))
+    return replace(batch, context=replace(batch.context, rays=nan_like(batch.context.rays)),
+                   target=replace(batch.target, w2c=nan_like(batch.target.w2c)))
 
 
 def test_nonfinite_inputs_and_gradients_skip_the_update_and_are_bounded(clean_root, tmp_path):

@@ -3,10 +3,16 @@
 Runs only where CUDA is available; scripts/render_parity.py prints the same numbers as a table.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from tokengs.rendering.parity import check_report, compare_backends, fixture_cases, random_cases
+from conftest import target_views
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from render_parity import check_report, compare_backends, fixture_cases, random_cases  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="gsplat needs CUDA: the parity of the two backends is measured on a GPU machine")]
@@ -34,10 +40,10 @@ def test_gsplat_matches_torch_loss_and_ssim_on_cuda():
     case = random_cases()[0]
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(*case.w2c.shape[:2], 3, *case.image_hw, generator=gen)
-    targets = {"images": images, "w2c": case.w2c, "intrinsics": case.intrinsics}
+    targets = target_views(images, case.w2c, case.intrinsics)
     opt = Options(img_size=case.image_hw, rgb_loss_type="l1", lambda_ssim=0.2, lambda_opacity=0.01)
     cpu = compute_loss(opt, case.gaussians, targets)
-    gpu = compute_loss(opt, case.gaussians.map(lambda t: t.cuda()), {k: v.cuda() for k, v in targets.items()})
+    gpu = compute_loss(opt, case.gaussians.map(lambda t: t.cuda()), targets.to("cuda"))
     assert gpu.loss.item() == pytest.approx(cpu.loss.item(), rel=1e-3)
     for name, value in cpu.per_scene.items():
         assert torch.allclose(gpu.per_scene[name].cpu(), value, rtol=1e-3, atol=1e-5), name
@@ -47,16 +53,12 @@ def test_compiled_blocks_give_the_same_outputs_and_gradients():
     """compile_blocks (torch.compile per block) against eager, float32 on CUDA. The key LayerNorms'
     biases are left out of the gradient check: adding one vector to every key shifts all logits
     of a query equally, so their true gradient is zero and both sides hold rounding noise."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from test_model import _random_batch, _randomize, _tiny
 
     results = []
     for compiled in (False, True):
         model = _randomize(_tiny("tiny_kubric_dyn", compile_blocks=compiled)).cuda()
-        batch = {k: v.cuda() for k, v in _random_batch(model.opt).items()}
+        batch = _random_batch(model.opt).to("cuda")
         out = model.forward_gaussians(batch)
         out.square().sum().backward()
         results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -73,14 +75,12 @@ def test_compiled_blocks_give_the_same_outputs_and_gradients():
 def test_scene_latent_tuning_replays_a_cuda_graph_with_the_same_steps(bf16, monkeypatch):
     """ttt_cuda_graph: scene-latent tuning captures its decode once and replays it. The loss of
     every step and the tuned Gaussians match the plain loop's; token-tuning never captures."""
-    import sys
     from contextlib import nullcontext
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     import benchmark
+    from tokengs import ttt
     from tokengs.losses import LossComputer
-    from tokengs.models import TokenGS, ttt
+    from tokengs.models import TokenGS
 
     device = torch.device("cuda")
     captures = []
@@ -102,7 +102,7 @@ def test_scene_latent_tuning_replays_a_cuda_graph_with_the_same_steps(bf16, monk
             with autocast():
                 with torch.no_grad():
                     encoding = model.encode(batch)
-                tuned = ttt.test_time_tune(model, encoding, batch, opt.evolve(ttt_cuda_graph=use_graph), record)
+                tuned = ttt.test_time_tune(model, encoding, batch.context, opt.evolve(ttt_cuda_graph=use_graph), record)
             runs.append((torch.stack([out.loss.detach() for out in losses]), tuned.float()))
             assert len(captures) == (graphs if use_graph else 0), case
         (plain_losses, plain), (graph_losses, graphed) = runs

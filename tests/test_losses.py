@@ -2,6 +2,8 @@
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,13 +11,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from skimage.metrics import structural_similarity
 
+from conftest import target_views
 from tokengs import metrics
+from tokengs.data.release_batch import from_release_dict
+from tokengs.data.types import Views
 from tokengs.gaussians import Gaussians
-from tokengs.losses import LossComputer, RenderTargets, backward_loss, compute_loss, visibility_loss, w2c_from_cam_view
+from tokengs.losses import LossComputer, backward_loss, compute_loss, fused_ssim_like, visibility_loss
+from tokengs.metrics import ssim_skimage_batched
 from tokengs.options import Options
 from tokengs.rendering import render_chunked
-from tokengs.rendering.parity import random_scene
-from tokengs.rendering.ssim import fused_ssim_like, ssim_skimage_batched
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from render_parity import random_scene  # noqa: E402
 
 FIELDS = ("means", "opacities", "scales", "quats", "colors")
 
@@ -33,12 +40,18 @@ def lpips_random():
 
 # ---- visibility -------------------------------------------------------------------------------
 
+def release_targets(tensors: dict) -> Views:
+    """The target views of a model fixture's release batch."""
+    return from_release_dict({key.removeprefix("batch."): value for key, value in tensors.items()
+                              if key.startswith("batch.")}).target
+
+
 @pytest.mark.parametrize("name", ["plain", "latent"])
 def test_visibility_loss_reproduces_the_release(reference_dir, name):
     tensors = load_file(str(reference_dir / f"model_{name}.io.safetensors"))
     gaussians = Gaussians.unpack(tensors["out.gaussians"])
-    ours = visibility_loss(gaussians.means, w2c_from_cam_view(tensors["batch.cam_view"]), tensors["batch.intrinsics"],
-                           tuple(tensors["batch.images_output"].shape[-2:]), threshold=1.0)
+    targets = release_targets(tensors)
+    ours = visibility_loss(gaussians.means, targets.w2c, targets.intrinsics, targets.image_hw, threshold=1.0)
     error = relative_error(ours, tensors["out.visibility_loss"])
     print(f"visibility {name}: relative error {error:.2e}")
     assert error <= 1e-4
@@ -46,9 +59,8 @@ def test_visibility_loss_reproduces_the_release(reference_dir, name):
 
 def test_visibility_loss_through_compute_loss_with_the_release_batch(reference_dir):
     tensors = load_file(str(reference_dir / "model_plain.io.safetensors"))
-    batch = {key.removeprefix("batch."): value for key, value in tensors.items() if key.startswith("batch.")}
     opt = Options(img_size=(32, 48), lambda_ssim=0.0, num_views=4, num_input_views=2)
-    out = compute_loss(opt, Gaussians.unpack(tensors["out.gaussians"]), batch)
+    out = compute_loss(opt, Gaussians.unpack(tensors["out.gaussians"]), release_targets(tensors))
     assert relative_error(out.per_scene["visibility"], tensors["out.visibility_loss"]) <= 1e-4
 
 
@@ -159,14 +171,13 @@ def test_missing_vgg_weights_fail_at_start_up_with_directions(tmp_path, monkeypa
 # ---- the loss ---------------------------------------------------------------------------------
 
 def make_batch(num_scenes=2, num_views=2, num_gaussians=150, image_hw=(24, 32), seed=0):
-    """Gaussians [B, N] and a targets dict whose first scene has a (partial) mask."""
+    """Gaussians [B, N] and target views whose first scene has a (partial) mask."""
     scene = random_scene("loss", num_scenes, num_gaussians, num_views, image_hw, seed=seed, scale_range=(0.05, 0.2))
     gen = torch.Generator().manual_seed(seed + 100)
     images = torch.rand(num_scenes, num_views, 3, *image_hw, generator=gen)
     masks = (torch.rand(num_scenes, num_views, 1, *image_hw, generator=gen) > 0.3).float()
     has_mask = torch.tensor([True] + [False] * (num_scenes - 1))
-    targets = {"images": images, "masks": masks, "has_mask": has_mask, "w2c": scene.w2c, "intrinsics": scene.intrinsics}
-    return scene.gaussians, targets
+    return scene.gaussians, target_views(images, scene.w2c, scene.intrinsics, masks, has_mask)
 
 
 def small_options(**changes) -> Options:
@@ -182,12 +193,12 @@ def test_loss_terms_recomputed_independently(rgb_loss_type):
     gaussians, targets = make_batch()
     out = compute_loss(opt, gaussians, targets)
     pred, alphas = out.render.images, out.render.alphas
-    gt = targets["images"] * targets["masks"] + (1 - targets["masks"])  # composited on white
+    gt = targets.images * targets.masks + (1 - targets.masks)  # composited on white
     diff = pred - gt
     rgb = (diff.abs() if rgb_loss_type == "l1" else diff.square()).mean((1, 2, 3, 4))
-    mask = (alphas - targets["masks"]).square().mean((1, 2, 3, 4)) * targets["has_mask"]
+    mask = (alphas - targets.masks).square().mean((1, 2, 3, 4)) * targets.has_mask[:, 0]
     ssim = torch.stack([(1 - fused_ssim_like(pred[b], gt[b]).mean()) / 2 for b in range(2)])
-    visibility = visibility_loss(gaussians.means, targets["w2c"], targets["intrinsics"], (24, 32), 1.0)
+    visibility = visibility_loss(gaussians.means, targets.w2c, targets.intrinsics, (24, 32), 1.0)
     opacity = -torch.log(gaussians.opacities + 1e-6).mean()
     for name, expected in (("rgb", rgb), ("mask", mask), ("ssim", ssim), ("visibility", visibility)):
         assert torch.allclose(out.per_scene[name], expected, rtol=1e-5, atol=1e-7), name
@@ -215,20 +226,10 @@ def test_lpips_term_sees_the_uncomposited_target(lpips_random):
     gaussians, targets = make_batch(image_hw=(32, 32))
     out = compute_loss(opt, gaussians, targets, lpips_model=lpips_random)
     pred = out.render.images
-    direct = lpips_random(pred.flatten(0, 1), targets["images"].flatten(0, 1), normalize=True).view(2, 2).mean(1)
+    direct = lpips_random(pred.flatten(0, 1), targets.images.flatten(0, 1), normalize=True).view(2, 2).mean(1)
     assert torch.allclose(out.per_scene["lpips"], direct, rtol=1e-5)
     with pytest.raises(ValueError, match="build_lpips"):
         compute_loss(opt, gaussians, targets)
-
-
-def test_targets_from_the_release_batch_keys():
-    gaussians, targets = make_batch()
-    release = {"images_output": targets["images"], "masks_output": targets["masks"], "has_mask": targets["has_mask"],
-               "cam_view": targets["w2c"].transpose(-1, -2), "intrinsics": targets["intrinsics"]}
-    a, b = RenderTargets.from_dict(targets), RenderTargets.from_dict(release)
-    assert torch.equal(a.w2c, b.w2c) and torch.equal(a.masks, b.masks)
-    no_masks = RenderTargets.from_dict({"images": targets["images"], "w2c": targets["w2c"], "intrinsics": targets["intrinsics"]})
-    assert no_masks.masks.min() == 1 and not no_masks.has_mask.any()
 
 
 # ---- deferred_bp and mean_of_grads equal the plain path ----------------------------------------
@@ -300,7 +301,7 @@ def test_backward_modes_with_lpips(lpips_random, mode):
     which would hide what is measured here, the chunking itself."""
     gaussians, targets = make_batch(num_scenes=2, num_views=3, num_gaussians=100, image_hw=(32, 32), seed=6)
     model = TinyModel(gaussians.map(torch.Tensor.double))
-    targets = {k: v.double() if v.is_floating_point() else v for k, v in targets.items()}
+    targets = targets.map(lambda t: t.double() if t.is_floating_point() else t)
     lpips64 = copy.deepcopy(lpips_random).double()
     opt = small_options(img_size=(32, 32), lambda_lpips=0.5)
     plain, plain_grad = _gradients(opt, model, targets, lpips64)
@@ -326,18 +327,16 @@ def test_backward_loss_calls_the_given_backward_once():
         assert len(calls) == 1, mode
 
 
-def test_loss_computer_takes_packed_gaussians_and_the_release_batch(lpips_random):
+def test_loss_computer_takes_packed_gaussians(lpips_random):
     gaussians, targets = make_batch(image_hw=(32, 32), seed=9)
-    batch = {"images_output": targets["images"], "masks_output": targets["masks"], "has_mask": targets["has_mask"],
-             "cam_view": targets["w2c"].transpose(-1, -2), "intrinsics": targets["intrinsics"]}
     opt = small_options(img_size=(32, 32), lambda_lpips=0.5)
     computer = LossComputer(opt, lpips_model=lpips_random)
     packed = gaussians.pack().requires_grad_()
     direct = compute_loss(opt, gaussians, targets, lpips_random, gaussians.select(slice(100, None)), 0.3)
-    result = computer.backward(packed, batch, dyn_aux_weight=0.3, num_static=100)
+    result = computer.backward(packed, targets, dyn_aux_weight=0.3, num_static=100)
     assert result.loss.item() == pytest.approx(direct.loss.item(), rel=1e-6)
     assert packed.grad is not None and packed.grad.abs().sum() > 0
-    assert computer.evaluate(packed, batch).loss.item() == pytest.approx(compute_loss(opt, gaussians, targets,
+    assert computer.evaluate(packed, targets).loss.item() == pytest.approx(compute_loss(opt, gaussians, targets,
                                                                                       lpips_random).loss.item(), rel=1e-6)
-    rendered = render_chunked(opt, packed.detach(), batch, chunk_size=1)
+    rendered = render_chunked(opt, packed.detach(), targets, chunk_size=1)
     assert torch.allclose(rendered.images, direct.render.images, atol=1e-6)

@@ -1,6 +1,7 @@
 """Media for people to look at: the text of a plot can be read."""
 
 import numpy as np
+import torch
 from PIL import Image
 
 from tokengs.media import plot_curves
@@ -14,3 +15,16 @@ def test_plot_title_shows_the_spaces_between_its_words(tmp_path):
     gaps = np.diff(inked) - 1
     # letters of a word stand at most 2 px apart; a space must show as a wider gap
     assert (gaps >= 4).sum() == title.count(" "), f"blank gaps between inked columns: {gaps[gaps > 0].tolist()}"
+
+
+def test_comparison_grid_puts_each_view_beside_its_truth_enlarged_to_be_seen():
+    from tokengs.media import comparison_grid, to_uint8
+
+    prediction, truth = torch.rand(3, 3, 48, 80), torch.rand(3, 3, 48, 80)
+    canvas = comparison_grid([prediction, truth], min_height=150)  # 48 px -> x4 = 192 px, the first whole factor
+    assert canvas.shape == (3 * 192 + 2 * 4, 2 * 320 + 4, 3)
+    row, column = 2, 1  # the third view's truth
+    tile = canvas[row * 196:row * 196 + 192, column * 324:column * 324 + 320]
+    np.testing.assert_array_equal(tile[::4, ::4], to_uint8(truth[2]))  # nearest-pixel enlargement
+    np.testing.assert_array_equal(tile[3::4, 3::4], to_uint8(truth[2]))
+    assert (canvas[192:196] == 255).all()  # the white gap between rows

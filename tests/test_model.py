@@ -3,11 +3,14 @@
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from tokengs.data.release_batch import from_release_dict
+from tokengs.data.types import Batch, Views
 from tokengs.gaussians import Gaussians
 from tokengs.models import CheckpointError, TokenGS, load_model_checkpoint, load_weights, save_model
 from tokengs.models.checkpoint import dynamic_tokens_from_static, resize_tokens
@@ -27,10 +30,17 @@ def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
-def _random_batch(opt: Options, batch_size: int = 2, seed: int = 0) -> dict:
+def _random_batch(opt: Options, batch_size: int = 2, seed: int = 0) -> Batch:
+    """Random images and rays of opt.num_views views (the first num_input_views the context) at
+    times spread over 0..10, first and last views at the ends."""
     g = torch.Generator().manual_seed(seed)
-    channels = 3 + (opt.time_embedding_dim if opt.time_embedding else 0) + 6
-    return {"input": torch.randn(batch_size, opt.num_views, channels, *opt.img_size, generator=g)}
+    shape = (batch_size, opt.num_views)
+    views = Views(images=torch.rand(*shape, 3, *opt.img_size, generator=g), masks=torch.ones(*shape, 1, *opt.img_size),
+                  has_mask=torch.zeros(shape, dtype=torch.bool), w2c=torch.eye(4).expand(*shape, 4, 4),
+                  intrinsics=torch.tensor([40.0, 40.0, 24.0, 16.0]).expand(*shape, 4),
+                  timesteps=torch.linspace(0, 10, opt.num_views).expand(shape),
+                  rays=torch.randn(*shape, 6, *opt.img_size, generator=g))
+    return Batch.from_views(views, opt.num_input_views, [f"random_{i}" for i in range(batch_size)])
 
 
 def _tiny(name: str = "tiny", seed: int = 0, **changes) -> TokenGS:
@@ -65,7 +75,7 @@ def test_reference_fixture_parity(name, reference_dir):
     from safetensors.torch import load_file
 
     io = load_file(str(ref_dir / f"model_{name}.io.safetensors"))
-    batch = {k.removeprefix("batch."): v for k, v in io.items() if k.startswith("batch.")}
+    batch = from_release_dict({k.removeprefix("batch."): v for k, v in io.items() if k.startswith("batch.")})
     with torch.no_grad():
         gaussians = model.forward_gaussians(batch)
     ref = io["out.gaussians"]
@@ -152,19 +162,20 @@ def test_block_causal_mask_isolates_static_gaussians():
         assert (out[:, static:] - base[:, static:]).abs().max() > 1e-3  # dynamic tokens see static ones
 
 
-def _shift_target_time(batch: dict, opt: Options) -> dict:
-    shifted = batch["input"].clone()
-    time = slice(3, 3 + opt.time_embedding_dim)
-    shifted[:, opt.num_input_views, time] += torch.rand_like(shifted[:, 0, time])  # the first target view only
-    return {"input": shifted}
+def _shift_target_time(batch: Batch) -> Batch:
+    """The first target view at another time inside the scene's span: the span, which every view's
+    time embedding is rescaled by, stays, and so do the other views' embeddings."""
+    times = batch.target.timesteps.clone()
+    times[:, 0] = (times[:, 0] + batch.context.timesteps.amin(1)) / 2
+    return replace(batch, target=replace(batch.target, timesteps=times))
 
 
 def test_target_time_offsets_only_dynamic_tokens():
     model = _randomize(_tiny("tiny_kubric_dyn")).eval()
     opt = model.opt
-    static = opt.num_gs_tokens * opt.dec_patch_size**2
+    static = model.num_static_gaussians
     batch = _random_batch(opt)
-    shifted = _shift_target_time(batch, opt)
+    shifted = _shift_target_time(batch)
     with torch.no_grad():
         base, moved = model.forward_gaussians(batch), model.forward_gaussians(shifted)
         no_time = model.decode(model.encode(batch), use_target_time=False)
@@ -178,7 +189,7 @@ def test_target_time_offsets_all_tokens_without_dynamic_ones():
     model = _randomize(_tiny("tiny", time_embedding=True, img_size=(64, 64))).eval()  # 64 patches for 64 tokens
     batch = _random_batch(model.opt)
     with torch.no_grad():
-        base, moved = model.forward_gaussians(batch), model.forward_gaussians(_shift_target_time(batch, model.opt))
+        base, moved = model.forward_gaussians(batch), model.forward_gaussians(_shift_target_time(batch))
     per_token_change = (base - moved).abs().amax(dim=(0, 2)).view(model.opt.num_gs_tokens, -1).amax(dim=1)
     assert per_token_change.min() > 1e-4
 

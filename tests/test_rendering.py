@@ -12,10 +12,11 @@ import torch
 
 from tokengs.gaussians import PLY_MIN_OPACITY, Gaussians, load_ply, save_ply
 from tokengs.rendering import background_tensor, render, resolve_backend
-from tokengs.rendering.parity import random_cases, random_scene
 from tokengs.rendering.torch_backend import project_gaussians
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from render_parity import random_cases, random_scene  # noqa: E402
 GREY = (0.5, 0.5, 0.5)
 ZNEAR, ZFAR = 0.025, 125.0
 
@@ -165,9 +166,10 @@ def test_gradients_reach_every_field_of_a_batch():
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, time, torch
+    import json, resource, sys, time, torch
     from tokengs.rendering import render
-    from tokengs.rendering.parity import random_scene
+    sys.path.insert(0, "scripts")
+    from render_parity import random_scene
     torch.set_num_threads(2)
     scene = random_scene("mem", 1, 20000, 1, (64, 64), seed=0, scale_range=(0.02, 0.12))
     gaussians = scene.gaussians.map(lambda t: t.requires_grad_())

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -136,17 +137,19 @@ def test_run_killed_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(data_
     assert_same_weights(workspace, reference_run)
 
 
-def test_sigterm_saves_the_current_step_exits_0_and_resumes(data_root, reference_run, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_sigterm_or_ctrl_c_saves_the_current_step_exits_0_and_resumes(data_root, reference_run, tmp_path, stop):
     workspace = tmp_path / "ws"
     command = train_command(data_root, workspace, "--num_workers", "1")
     process = start_run(command, tmp_path / "terminated.log")
     wait_for_checkpoint(process, workspace)
-    os.killpg(process.pid, signal.SIGTERM)  # as SLURM preempts: every process of the job, data workers too
+    # every process of the job, data workers too: as SLURM preempts, and as a terminal sends Ctrl-C
+    os.killpg(process.pid, stop)
     exit_code = process.wait(timeout=RUN_TIMEOUT)
     output = (tmp_path / "terminated.log").read_text()
     assert exit_code == 0, output[-3000:]
-    said = re.search(r"SIGTERM: checkpoint saved at step (\d+)", output)
-    assert said, "the run did not report its SIGTERM checkpoint"
+    said = re.search(r"stopped \(SIGTERM or Ctrl-C\): checkpoint saved at step (\d+)", output)
+    assert said, "the run did not report its checkpoint"
     stopped_at = int(said[1])
     assert step_of(workspace) == stopped_at < TOTAL_STEPS
     assert not (workspace / ws.COMPLETE_FILE).exists()
@@ -256,7 +259,7 @@ def test_nonfinite_loss_skips_the_update_and_a_run_of_them_stops_training(data_r
     trainer.setup()
     model = trainer.accelerator.unwrap_model(trainer.model)
     batch = next(iter(trainer.loader))
-    poisoned = dict(batch, images_output=torch.full_like(batch["images_output"], float("nan")))
+    poisoned = replace(batch, target=replace(batch.target, images=torch.full_like(batch.target.images, float("nan"))))
 
     def snapshot():
         optimizer_state = trainer.optimizer.state_dict()["state"]

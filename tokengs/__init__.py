@@ -1,7 +1,7 @@
 """tokengs: feed-forward 3D Gaussian Splatting with learnable Gaussian tokens (TokenGS).
 
-Subpackages: `tokengs.data` (datasets and the synthetic generator), `tokengs.models` (the model,
-checkpoints, test-time tuning), `tokengs.rendering` (gsplat and a pure-PyTorch rasterizer);
+Subpackages: `tokengs.data` (datasets, the typed batch, the synthetic generator), `tokengs.models`
+(the model and checkpoints), `tokengs.rendering` (gsplat and a pure-PyTorch rasterizer);
 commands: `python -m tokengs.train | tokengs.evaluate | tokengs.demo`.
 """
 

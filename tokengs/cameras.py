@@ -1,10 +1,9 @@
 """Camera math, as pure functions. Every convention of the project lives here, once.
 
-Conventions (DESIGN.md, "Conventions"):
-- cameras are OpenCV (x right, y down, z forward) camera-to-world 4x4 matrices `c2w`;
-- intrinsics are (fx, fy, cx, cy) in pixels of the image they describe;
-- `cam_view` is the world-to-camera matrix TRANSPOSED (the release's storage, what the model
-  and the renderer exchange).
+Conventions:
+- cameras are OpenCV (x right, y down, z forward) camera-to-world 4x4 matrices `c2w`; their
+  inverses `w2c` (world-to-camera) are what the rasterizer and the loss project points with;
+- intrinsics are (fx, fy, cx, cy) in pixels of the image they describe.
 
 The functions take torch tensors with arbitrary leading dimensions unless a docstring says
 otherwise; the readers convert their files' conventions to ours with the `*_to_opencv` ones.
@@ -102,16 +101,6 @@ def w2c_to_c2w(w2c: Tensor) -> Tensor:
     full[..., :3, :] = w2c[..., :3, :]
     full[..., 3, 3] = 1
     return torch.linalg.inv(full)
-
-
-def c2w_to_cam_view(c2w: Tensor) -> Tensor:
-    """[..., 4, 4] camera-to-world -> `cam_view`, the world-to-camera TRANSPOSED (the release's storage)."""
-    return torch.linalg.inv(c2w).transpose(-1, -2)
-
-
-def cam_view_to_c2w(cam_view: Tensor) -> Tensor:
-    """Inverse of `c2w_to_cam_view`."""
-    return torch.linalg.inv(cam_view.transpose(-1, -2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,17 +289,19 @@ def plucker(origins: Tensor, directions: Tensor) -> Tensor:
 
 
 def time_embedding(timesteps: Tensor, dim: int) -> Tensor:
-    """timesteps [V] (all views of a sample) -> [V, dim]: rescaled to [0, 1] by their min and max
-    (all zeros when they are equal), then [cos(t f_k) for k < dim/2, sin(t f_k) for k < dim/2],
-    f_k = 10000^(-k / (dim/2))."""
+    """timesteps [..., V] (all views of a scene) -> [..., V, dim]: rescaled to [0, 1] by the scene's
+    min and max (all zeros when they are equal), then [cos(t f_k) for k < dim/2, sin(t f_k) for
+    k < dim/2], f_k = 10000^(-k / (dim/2))."""
     if dim % 2:
         raise ValueError(f"time_embedding_dim={dim} must be even (cos and sin pairs)")
     t = timesteps.to(torch.float32)
-    span = t.max() - t.min()
-    t = (t - t.min()) / span if span > 0 else torch.zeros_like(t)
+    lowest = t.amin(dim=-1, keepdim=True)
+    span = t.amax(dim=-1, keepdim=True) - lowest
+    # a tensor op, not a Python test of the span: on a GPU that test would wait for the device
+    t = (t - lowest) / torch.where(span > 0, span, torch.ones_like(span))
     half = dim // 2
-    frequencies = 10000.0 ** (-torch.arange(half, dtype=torch.float32) / half)
-    angles = t[:, None] * frequencies
+    frequencies = 10000.0 ** (-torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t[..., None] * frequencies
     return torch.cat([torch.cos(angles), torch.sin(angles)], -1)
 
 

@@ -1,9 +1,10 @@
 """Evaluation: `python -m tokengs.evaluate PRESET --resume CKPT [--use_ttt_for_eval] ...`.
 
 Per scene: reconstruct (one encode + decode), optionally tune the tokens or scene latents on the
-context views, render the targets in chunks, and score them. Scenes are split across processes
-and gathered so that each counts exactly once. Writes W/metrics.txt and W/metrics.json, and
-media for the first eval_n_media_dumps batches; ends printing the mean scores and the reports' paths.
+context views (tokengs.ttt), render the targets in chunks, and score them. Scenes are split across
+processes and gathered so that each counts exactly once. Writes W/metrics.txt and W/metrics.json,
+and media for the first eval_n_media_dumps scenes (`dump_media`); ends printing the mean scores
+and the reports' paths.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from tokengs import workspace as ws
 from tokengs.cli import fail, parse_options
-from tokengs.options import Options
+from tokengs.options import Options, OptionsError
+
+if TYPE_CHECKING:
+    from tokengs.data.types import Batch
+    from tokengs.rendering import RenderOutput
 
 QUALITY = ("psnr", "ssim", "lpips")
 TIMING = ("reconstruction_ms", "ttt_ms")
@@ -55,17 +60,14 @@ def needs_lpips(opt: Options) -> bool:
 def startup_problems(opt: Options, checkpoint: Optional[Path], from_config: bool = False) -> list[str]:
     """Everything that would stop the run, found before any work; each names the path and the flag
     that sets it. from_config: the checkpoint is the --config workspace's default."""
-    from tokengs.data import dataset_root_problems
     from tokengs.metrics import lpips_weights_problem
-    from tokengs.models.checkpoint import checkpoint_file_problems
+    from tokengs.startup import model_and_data_problems
 
-    problems = list(dataset_root_problems(opt))
+    named = "checkpoint (the --config workspace's; --resume CKPT sets another)" if from_config else "--resume"
+    problems = model_and_data_problems(opt, checkpoint, named)
     if checkpoint is None:
         problems.append("no checkpoint: pass --resume CKPT (a .safetensors/.pt file) or --config W/config.yaml "
                         "of a training workspace")
-    else:
-        named = "checkpoint (the --config workspace's; --resume CKPT sets another)" if from_config else "--resume"
-        problems += checkpoint_file_problems(checkpoint, named)
     if needs_lpips(opt) and (problem := lpips_weights_problem()):
         problems.append(problem)  # it names the file, where it belongs and the flags that do without it
     return problems
@@ -133,6 +135,38 @@ def atomic_text(path: Path, text: str) -> None:
     ws.atomic_write(path, lambda p: p.write_text(text))
 
 
+MEDIA_FPS = 10
+
+
+def dump_media(workspace: Path, tag: str, batch: Batch, packed: torch.Tensor, render: RenderOutput) -> None:
+    """The media of one scene under the release's names (TAG = batch-process-iteration):
+    images/{input,pred,gt}_TAG.png, videos/{comparison,pred,gt,input,depth}_TAG.mp4,
+    depths/depth_TAG.png, gaussians/gaussians_TAG.ply; and ours: images/comparison_TAG.png
+    (prediction beside truth, one row per target view) and the PLY's context cameras beside it
+    (for tokengs.view). `batch` holds the scene, `packed` its Gaussians [1, N, 14], `render` their
+    render into its targets [1, V_out, ...]."""
+    from tokengs.gaussians import Gaussians
+    from tokengs.media import colorize_depth, comparison_grid, save_image_grid, save_png, save_video
+    from tokengs.scene_files import save_scene
+
+    inputs = batch.context.images[0].float()
+    gt = batch.target.images[0].float()
+    pred = render.images[0].float().clamp(0, 1)
+    depth = colorize_depth(render.depths[0], render.alphas[0])
+    save_image_grid(workspace / "images" / f"input_{tag}.png", [inputs])
+    save_image_grid(workspace / "images" / f"pred_{tag}.png", [pred])
+    save_image_grid(workspace / "images" / f"gt_{tag}.png", [gt])
+    save_image_grid(workspace / "depths" / f"depth_{tag}.png", [depth])
+    # ours beside the release's strips: each target's prediction next to its truth, large enough to see
+    save_png(workspace / "images" / f"comparison_{tag}.png", comparison_grid([pred, gt]))
+    save_video(workspace / "videos" / f"pred_{tag}.mp4", pred, MEDIA_FPS)
+    save_video(workspace / "videos" / f"gt_{tag}.mp4", gt, MEDIA_FPS)
+    save_video(workspace / "videos" / f"input_{tag}.mp4", inputs, max(1, MEDIA_FPS // 4))
+    save_video(workspace / "videos" / f"depth_{tag}.mp4", depth, MEDIA_FPS)
+    save_video(workspace / "videos" / f"comparison_{tag}.mp4", torch.cat([gt.cpu(), pred.cpu()], dim=-1), MEDIA_FPS)
+    save_scene(Gaussians.unpack(packed[0].float()), batch.context, workspace / "gaussians" / f"gaussians_{tag}.ply")
+
+
 def result_summary(workspace: Path) -> str:
     """The run's outcome for the terminal, read back from metrics.json so that it shows exactly
     what the reports hold: the mean of each quality metric over the scenes and where the reports are."""
@@ -140,9 +174,12 @@ def result_summary(workspace: Path) -> str:
     means = [f"{name.upper()} {report['summary'][name]['mean']:.4f}" for name in QUALITY if name in report["summary"]]
     skipped = ", ".join(name.upper() for name in report["not_computed"])
     skipped = f" ({skipped} not computed)" if skipped else ""
-    return (f"evaluated {report['num_scenes']} scenes: mean {', '.join(means)}{skipped}\n"
+    text = (f"evaluated {report['num_scenes']} scenes: mean {', '.join(means)}{skipped}\n"
             f"  per-scene scores: {workspace / 'metrics.txt'}\n"
             f"  machine-readable: {workspace / 'metrics.json'}")
+    if (workspace / "gaussians").is_dir():  # dumped scenes (--eval_n_media_dumps)
+        text += f"\n  look at them:     python -m tokengs.view {workspace / 'gaussians'}"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,18 +203,15 @@ def evaluate(opt: Options, checkpoint: Path) -> list[SceneResult]:
 
     from tokengs.data import build_dataset
     from tokengs.losses import LossComputer
-    from tokengs.media_dump import dump_media
     from tokengs.metrics import build_lpips
-    from tokengs.models import TokenGS, load_model_checkpoint
-    from tokengs.models.ttt import test_time_tune
     from tokengs.rendering import render_chunked
+    from tokengs.startup import build_model
+    from tokengs.ttt import test_time_tune
 
     accelerator = Accelerator(mixed_precision=opt.mixed_precision if torch.cuda.is_available() else "no",
                               cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    model = TokenGS(opt)
-    load_model_checkpoint(model, checkpoint, opt)
-    model.to(device).eval()
+    model = build_model(opt, checkpoint).to(device).eval()
     # one LPIPS network serves the metric and the tuning loss
     lpips_model = build_lpips(device) if needs_lpips(opt) else None
     loss = LossComputer(opt, device=device, lpips_model=lpips_model) if opt.use_ttt_for_eval else None
@@ -190,9 +224,8 @@ def evaluate(opt: Options, checkpoint: Path) -> list[SceneResult]:
     mine = range(rank, len(dataset), world)
     for iteration, index in enumerate(tqdm(mine, desc=f"evaluate[{rank}]", disable=not accelerator.is_main_process,
                                            dynamic_ncols=True)):
-        sample = dataset[index]
-        batch = {k: v.unsqueeze(0).to(device) if torch.is_tensor(v) else [v] for k, v in sample.items()}
-        result = SceneResult(index=index, scene=str(sample.get("scene_name", index)))
+        batch = dataset[index].to(device)  # one scene
+        result = SceneResult(index=index, scene=batch.scene_names[0])
 
         _sync(device)
         start = time.perf_counter()
@@ -205,18 +238,18 @@ def evaluate(opt: Options, checkpoint: Path) -> list[SceneResult]:
         if opt.use_ttt_for_eval:
             start = time.perf_counter()
             with accelerator.autocast():
-                packed = test_time_tune(model, encoding, batch, opt, loss)
+                packed = test_time_tune(model, encoding, batch.context, opt, loss)
             _sync(device)
             result.metrics["ttt_ms"] = (time.perf_counter() - start) * 1e3
 
+        targets = batch.target
         with torch.no_grad():
-            render = render_chunked(opt, packed.float(), batch, chunk_size=opt.eval_render_chunk_size)
-        mask = batch["masks_output"][0] if bool(batch["has_mask"][0]) else None
-        result.metrics.update(score_views(opt, render.images[0].float(), batch["images_output"][0].float(), mask,
-                                          lpips_model))
+            render = render_chunked(opt, packed.float(), targets, chunk_size=opt.eval_render_chunk_size)
+        mask = targets.masks[0] if bool(targets.has_mask[0].all()) else None
+        result.metrics.update(score_views(opt, render.images[0].float(), targets.images[0].float(), mask, lpips_model))
         if iteration < opt.eval_n_media_dumps:
             # the release's TAG: index in the batch (one scene per batch here) - process - iteration
-            dump_media(workspace, f"0-{rank}-{iteration}", opt, batch, packed, render)
+            dump_media(workspace, f"0-{rank}-{iteration}", batch, packed, render)
         results.append(result)
 
     gathered = gather_object(results)  # every process's list, concatenated (the list itself with one process)
@@ -245,20 +278,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from accelerate import PartialState
 
     from tokengs.models import CheckpointError
+    from tokengs.startup import raise_problems
+    from tokengs.threads import configure_cpu_threads
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     config_path = _cli_value(args, "--config")
     opt = parse_options(args, prog="python -m tokengs.evaluate")
-    opt = opt.evolve(evaluating=True, use_input_supervision=False)  # scored on the targets only, as the release
+    # scored on the held-out targets only: the context views are the model's input
+    opt = opt.evolve(evaluating=True, use_input_supervision=False)
     from_config = config_path is not None and _cli_value(args, "--resume") is None
     checkpoint = resolve_checkpoint(opt, config_path if from_config else None)
-    problems = startup_problems(opt, checkpoint, from_config)
-    if problems:
-        fail(f"fix {len(problems)} problem(s) before evaluating:\n  - " + "\n  - ".join(problems))
+    configure_cpu_threads()
     try:
+        raise_problems(startup_problems(opt, checkpoint, from_config), "evaluating")
         evaluate(opt, checkpoint)
-    except CheckpointError as exc:
+    except (OptionsError, CheckpointError) as exc:  # the command or its files need fixing: nothing was scored
         fail(str(exc))
     if PartialState().is_main_process:  # the state evaluate's Accelerator set up; one summary, not one per process
         print(result_summary(Path(opt.workspace)))

@@ -1,11 +1,12 @@
-"""The rendering loss (DESIGN.md "Rendering and losses"), for training and test-time tuning alike.
+"""The rendering loss, for training and test-time tuning alike.
 
 Per scene, over that scene's rendered views:
     lambda_rgb * (L1 or L2) + lambda_mask * has_mask * MSE(alpha, mask) + lambda_ssim * (1 - SSIM) / 2
     + lambda_lpips * LPIPS + lambda_visibility * visibility
 averaged over scenes, then + lambda_opacity * mean over all Gaussians of -log(opacity + 1e-6).
 With dynamic Gaussians and a dynamic-aux weight, the same loss of the dynamic Gaussians rendered
-alone is added with that weight.
+alone is added with that weight. The targets are `Views` (tokengs.data.types): their images,
+masks and cameras.
 
 Every image term is a mean over views of a per-view value, so the loss splits exactly into
 per-(scene, view) pieces; `backward_loss` uses that to backpropagate in chunks (mean_of_grads)
@@ -15,64 +16,24 @@ or from re-rendered views (deferred_bp) while computing the same value as `compu
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
+from .data.types import Views
 from .gaussians import Gaussians
+from .metrics import SSIM_WINDOW_SIZE, build_lpips, ssim_map
 from .options import Options
-from .rendering import RenderOutput, render
-from .rendering.common import w2c_from_cam_view
-from .rendering.ssim import fused_ssim_like
+from .rendering import RenderOutput, render_chunked
+
+try:
+    from fused_ssim import fused_ssim as _fused_ssim_kernel
+except ImportError:  # optional CUDA extension
+    _fused_ssim_kernel = None
 
 OPACITY_EPS = 1e-6
 UNPROJECTABLE = 1e6  # a projection at +-infinity counts as this many pixels away
-
-
-@dataclass
-class RenderTargets:
-    """What the rendered views are compared with; B scenes of V views."""
-
-    images: Tensor  # [B, V, 3, H, W] in [0, 1], not composited
-    masks: Tensor  # [B, V, 1, H, W] foreground masks (all ones where the data has none)
-    has_mask: Tensor  # [B] bool: the mask term applies to this scene
-    w2c: Tensor  # [B, V, 4, 4] world-to-camera
-    intrinsics: Tensor  # [B, V, 4] fx, fy, cx, cy in pixels
-
-    @classmethod
-    def from_dict(cls, targets: Mapping[str, Tensor]) -> "RenderTargets":
-        """Our keys (images, masks, has_mask, w2c, intrinsics) or the release batch's
-        (images_output, masks_output, has_mask, cam_view, intrinsics). Missing masks are all ones
-        (has_mask False); a mask given without has_mask applies."""
-        images = targets["images"] if "images" in targets else targets["images_output"]
-        masks = targets["masks"] if "masks" in targets else targets.get("masks_output")
-        if masks is None:
-            masks, default_has_mask = torch.ones_like(images[:, :, :1]), False
-        else:
-            default_has_mask = True
-        has_mask = targets.get("has_mask")
-        if has_mask is None:
-            has_mask = torch.full(images.shape[:1], default_has_mask, device=images.device)
-        w2c = targets["w2c"] if "w2c" in targets else w2c_from_cam_view(targets["cam_view"])
-        return cls(images=images, masks=masks, has_mask=has_mask.bool(), w2c=w2c, intrinsics=targets["intrinsics"])
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        return tuple(self.images.shape[-2:])
-
-    @property
-    def composited(self) -> Tensor:
-        """Targets over white where the mask is off: gt * mask + (1 - mask) [B, V, 3, H, W]."""
-        return self.images * self.masks + (1 - self.masks)
-
-    def select(self, scenes: slice = slice(None), views: slice = slice(None)) -> "RenderTargets":
-        return RenderTargets(images=self.images[scenes, views], masks=self.masks[scenes, views],
-                             has_mask=self.has_mask[scenes], w2c=self.w2c[scenes, views],
-                             intrinsics=self.intrinsics[scenes, views])
-
-
-TargetsLike = Union[RenderTargets, Mapping[str, Tensor]]
 
 
 @dataclass
@@ -121,22 +82,44 @@ def visibility_loss(means: Tensor, w2c: Tensor, intrinsics: Tensor, image_hw: tu
     return nearest.mean(dim=-1)
 
 
+def fused_ssim_like(pred: Tensor, gt: Tensor) -> Tensor:
+    """The loss's SSIM per image [...] of pred, gt [..., C, H, W]; gradients flow to pred.
+
+    fused-ssim's definition (11x11 Gaussian window, sigma 1.5, zero padding "same", population
+    statistics, mean over the whole map), which the released models were trained with; on CUDA
+    its `fused_ssim` kernel runs when installed, elsewhere `metrics.ssim_map` computes the same
+    numbers. (The SSIM metric is scikit-image's, `metrics.ssim_skimage_batched`.)
+    """
+    if pred.is_cuda and _fused_ssim_kernel is not None:
+        # the kernel returns the mean over its whole batch, and differentiates its first argument
+        flat_pred, flat_gt = (t.reshape(-1, *t.shape[-3:]).float() for t in (pred, gt))
+        values = [_fused_ssim_kernel(p[None].contiguous(), g[None].contiguous(), padding="same", train=True)
+                  for p, g in zip(flat_pred, flat_gt)]
+        return torch.stack(values).reshape(pred.shape[:-3])
+    return ssim_map(pred, gt, padding=SSIM_WINDOW_SIZE // 2, covariance_norm=1.0).mean(dim=(-3, -2, -1))
+
+
+def composited(targets: Views) -> Tensor:
+    """The target images over white where the mask is off: gt * mask + (1 - mask) [B, V, 3, H, W]."""
+    return targets.images * targets.masks + (1 - targets.masks)
+
+
 def opacity_loss(opacities: Tensor) -> Tensor:
     """Mean over all Gaussians of -log(opacity + 1e-6): pushes opacities up (scalar)."""
     return -torch.log(opacities + OPACITY_EPS).mean()
 
 
-def view_terms(opt: Options, images: Tensor, alphas: Tensor, targets: RenderTargets,
+def view_terms(opt: Options, images: Tensor, alphas: Tensor, targets: Views,
                lpips_model: Optional[torch.nn.Module]) -> dict[str, Tensor]:
     """Unweighted image terms per scene and view [B, V]; only those with a nonzero lambda, plus
     "mse" (no gradient, for PSNR). images [B, V, 3, H, W], alphas [B, V, 1, H, W]."""
-    gt = targets.composited
+    gt = composited(targets)
     per_view = lambda t: t.flatten(2).mean(-1)
     error = images - gt
     terms = {"mse": per_view(error.detach().square()),
              "rgb": per_view(error.abs() if opt.rgb_loss_type == "l1" else error.square())}
     if opt.lambda_mask > 0:
-        terms["mask"] = per_view((alphas - targets.masks).square()) * targets.has_mask[:, None]
+        terms["mask"] = per_view((alphas - targets.masks).square()) * targets.has_mask
     if opt.lambda_ssim > 0:
         terms["ssim"] = (1 - fused_ssim_like(images, gt)) / 2
     if opt.lambda_lpips > 0:
@@ -155,7 +138,7 @@ def _weighted_view_loss(opt: Options, terms: dict[str, Tensor]) -> Tensor:
     return sum(lambdas[name] * value for name, value in terms.items() if name in lambdas)
 
 
-def _gaussian_terms(opt: Options, gaussians: Gaussians, targets: RenderTargets) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _gaussian_terms(opt: Options, gaussians: Gaussians, targets: Views) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """The terms that need no render: visibility [B] and opacity (scalar), None where their lambda is 0."""
     visibility = opacity = None
     if opt.lambda_visibility > 0:
@@ -198,14 +181,6 @@ def _with_dyn(main: LossOutput, dyn: LossOutput, weight: float) -> LossOutput:
     return replace(main, loss=main.loss + weight * dyn.loss, per_scene=per_scene, dyn=dyn)
 
 
-def _render(opt: Options, gaussians: Gaussians, targets: RenderTargets) -> RenderOutput:
-    return render(gaussians, targets.w2c, targets.intrinsics, targets.image_hw, opt.bg_rgb, opt.znear, opt.zfar,
-                  backend=opt.render_backend, tile_size=opt.render_tile_size)
-
-
-def _as_targets(targets: TargetsLike) -> RenderTargets:
-    return targets if isinstance(targets, RenderTargets) else RenderTargets.from_dict(targets)
-
 
 def _uses_dyn(dyn_gaussians: Optional[Gaussians], dyn_aux_weight: float) -> bool:
     return dyn_gaussians is not None and dyn_aux_weight > 0
@@ -213,25 +188,24 @@ def _uses_dyn(dyn_gaussians: Optional[Gaussians], dyn_aux_weight: float) -> bool
 
 # ---- the plain path ---------------------------------------------------------------------------
 
-def _scene_loss(opt: Options, gaussians: Gaussians, targets: RenderTargets, lpips_model,
+def _scene_loss(opt: Options, gaussians: Gaussians, targets: Views, lpips_model,
                 rendered: Optional[RenderOutput] = None) -> LossOutput:
     """The loss of one set of Gaussians; `rendered` when the caller already rendered them."""
-    rendered = _render(opt, gaussians, targets) if rendered is None else rendered
+    rendered = render_chunked(opt, gaussians, targets) if rendered is None else rendered
     with torch.autocast(device_type=rendered.images.device.type, enabled=False):  # SSIM moments need fp32
         terms = view_terms(opt, rendered.images, rendered.alphas, targets, lpips_model)
         visibility, opacity = _gaussian_terms(opt, gaussians.map(_full_precision), targets)
     return _assemble(opt, terms, visibility, opacity, rendered)
 
 
-def compute_loss(opt: Options, gaussians: Gaussians, targets: TargetsLike, lpips_model: Optional[torch.nn.Module] = None,
+def compute_loss(opt: Options, gaussians: Gaussians, targets: Views, lpips_model: Optional[torch.nn.Module] = None,
                  dyn_gaussians: Optional[Gaussians] = None, dyn_aux_weight: float = 0.0) -> LossOutput:
-    """The loss of Gaussians [B, N] rendered into the target cameras, with its graph.
+    """The loss of Gaussians [B, N] rendered into the target views [B, V], with its graph.
 
-    targets: a RenderTargets or a dict (see RenderTargets.from_dict). lpips_model: from
-    tokengs.metrics.build_lpips, needed when lambda_lpips > 0. dyn_gaussians [B, N_dyn]: the
-    dynamic Gaussians alone, whose loss is added with dyn_aux_weight (the schedule's value).
+    lpips_model: from tokengs.metrics.build_lpips, needed when lambda_lpips > 0. dyn_gaussians
+    [B, N_dyn]: the dynamic Gaussians alone, whose loss is added with dyn_aux_weight (the
+    schedule's value).
     """
-    targets = _as_targets(targets)
     out = _scene_loss(opt, gaussians, targets, lpips_model)
     if _uses_dyn(dyn_gaussians, dyn_aux_weight):
         out = _with_dyn(out, _scene_loss(opt, dyn_gaussians, targets, lpips_model), dyn_aux_weight)
@@ -240,16 +214,16 @@ def compute_loss(opt: Options, gaussians: Gaussians, targets: TargetsLike, lpips
 
 # ---- backpropagating differently: deferred_bp, mean_of_grads ---------------------------------
 
-def _backward_deferred(opt: Options, leaf: Gaussians, targets: RenderTargets, lpips_model, weight: float) -> LossOutput:
+def _backward_deferred(opt: Options, leaf: Gaussians, targets: Views, lpips_model, weight: float) -> LossOutput:
     """Render every view without a graph, backpropagate the loss to the images, then re-render one
     view at a time (all scenes together) with a graph and push the image gradients into `leaf`."""
     with torch.no_grad():
-        rendered = _render(opt, leaf, targets)
+        rendered = render_chunked(opt, leaf, targets)
     images, alphas = rendered.images.requires_grad_(), rendered.alphas.requires_grad_()
     out = _scene_loss(opt, leaf, targets, lpips_model, replace(rendered, images=images, alphas=alphas))
     (weight * out.loss).backward()
-    for v in range(targets.w2c.shape[1]):
-        view = _render(opt, leaf, targets.select(views=slice(v, v + 1)))
+    for v in range(targets.num_views):
+        view = render_chunked(opt, leaf, targets.select(views=slice(v, v + 1)))
         pairs = [(out_t, grad[:, v:v + 1]) for out_t, grad in ((view.images, images.grad), (view.alphas, alphas.grad))
                  if grad is not None]
         if pairs:  # no image term on: nothing to push back
@@ -262,7 +236,7 @@ def _chunk_slices(total: int, step: Optional[int]) -> list[slice]:
     return [slice(s, s + step) for s in range(0, total, step)]
 
 
-def _backward_mean_of_grads(opt: Options, leaf: Gaussians, targets: RenderTargets, lpips_model, weight: float) -> LossOutput:
+def _backward_mean_of_grads(opt: Options, leaf: Gaussians, targets: Views, lpips_model, weight: float) -> LossOutput:
     """Render and backpropagate chunk by chunk into `leaf`, each chunk's graph freed before the next.
 
     per-scene: chunks of mean_of_grads_scene_chunk_size scenes with all their views; per-view:
@@ -282,7 +256,7 @@ def _backward_mean_of_grads(opt: Options, leaf: Gaussians, targets: RenderTarget
         view_terms_, view_renders = [], []
         for views in _chunk_slices(num_views, view_step):
             chunk_targets = targets.select(scenes, views)
-            rendered = _render(opt, chunk_gaussians, chunk_targets)
+            rendered = render_chunked(opt, chunk_gaussians, chunk_targets)
             with torch.autocast(device_type=rendered.images.device.type, enabled=False):
                 terms = view_terms(opt, rendered.images, rendered.alphas, chunk_targets, lpips_model)
             (weight * _weighted_view_loss(opt, terms).sum() / (num_scenes * num_views)).backward()
@@ -295,7 +269,7 @@ def _backward_mean_of_grads(opt: Options, leaf: Gaussians, targets: RenderTarget
                      RenderOutput.cat(scene_renders, dim=0))
 
 
-def backward_loss(opt: Options, gaussians: Gaussians, targets: TargetsLike, lpips_model: Optional[torch.nn.Module] = None,
+def backward_loss(opt: Options, gaussians: Gaussians, targets: Views, lpips_model: Optional[torch.nn.Module] = None,
                   dyn_gaussians: Optional[Gaussians] = None, dyn_aux_weight: float = 0.0,
                   backward: Callable[[Tensor], None] = Tensor.backward) -> LossOutput:
     """Compute the loss of `compute_loss` and backpropagate it as the options say; returns it detached.
@@ -305,7 +279,6 @@ def backward_loss(opt: Options, gaussians: Gaussians, targets: TargetsLike, lpip
     `backward(sum(field * gradient))` (a surrogate whose gradient is the loss's), so a caller's
     backward (e.g. accelerator.backward) runs once per step as with the plain path.
     """
-    targets = _as_targets(targets)
     if not opt.deferred_bp and opt.mean_of_grads == "none":
         out = compute_loss(opt, gaussians, targets, lpips_model, dyn_gaussians, dyn_aux_weight)
         backward(out.loss)
@@ -332,17 +305,16 @@ GaussiansLike = Union[Gaussians, Tensor]
 
 class LossComputer:
     """The options' loss with the LPIPS network it needs, built once at start-up (so missing VGG
-    weights fail there, not hours in). Takes Gaussians or packed [B, N, 14] tensors and targets
-    as a RenderTargets, our dict or the release's batch.
+    weights fail there, not hours in). Takes Gaussians or packed [B, N, 14] tensors, and the
+    target Views.
 
-    num_static: the first num_static Gaussians are static, the rest dynamic; with
-    dyn_aux_weight > 0 the dynamic ones' own loss is added (DESIGN.md).
+    num_static: the first num_static Gaussians are static, the rest dynamic (the model's
+    num_static_gaussians); with dyn_aux_weight > 0 (training's schedule, `train.dyn_aux_weight`)
+    the loss of the dynamic ones rendered alone is added with that weight.
     """
 
     def __init__(self, opt: Options, device: Union[torch.device, str] = "cpu",
                  lpips_model: Optional[torch.nn.Module] = None):
-        from .metrics import build_lpips
-
         self.opt = opt
         if lpips_model is None and opt.lambda_lpips > 0:
             lpips_model = build_lpips(device)
@@ -356,19 +328,19 @@ class LossComputer:
             return gaussians, None
         return gaussians, gaussians.select(slice(num_static, None))
 
-    def __call__(self, gaussians: GaussiansLike, targets: TargetsLike, dyn_aux_weight: float = 0.0,
+    def __call__(self, gaussians: GaussiansLike, targets: Views, dyn_aux_weight: float = 0.0,
                  num_static: Optional[int] = None) -> LossOutput:
         """The loss with its graph (test-time tuning steps on it)."""
         static, dynamic = self._split(gaussians, dyn_aux_weight, num_static)
         return compute_loss(self.opt, static, targets, self.lpips_model, dynamic, dyn_aux_weight)
 
-    def backward(self, gaussians: GaussiansLike, targets: TargetsLike, dyn_aux_weight: float = 0.0,
+    def backward(self, gaussians: GaussiansLike, targets: Views, dyn_aux_weight: float = 0.0,
                  num_static: Optional[int] = None, backward: Callable[[Tensor], None] = Tensor.backward) -> LossOutput:
         """Backpropagate as opt.deferred_bp / opt.mean_of_grads say (see `backward_loss`); detached result."""
         static, dynamic = self._split(gaussians, dyn_aux_weight, num_static)
         return backward_loss(self.opt, static, targets, self.lpips_model, dynamic, dyn_aux_weight, backward)
 
     @torch.no_grad()
-    def evaluate(self, gaussians: GaussiansLike, targets: TargetsLike) -> LossOutput:
+    def evaluate(self, gaussians: GaussiansLike, targets: Views) -> LossOutput:
         """The loss and PSNR without a graph (validation)."""
         return self(gaussians, targets).detach()

@@ -24,6 +24,22 @@ def grid(rows: Sequence[Tensor]) -> np.ndarray:
     return np.concatenate(strips, axis=0)
 
 
+def comparison_grid(columns: Sequence[Tensor], min_height: int = 192) -> np.ndarray:
+    """Views side by side for a person to compare: each column [V, 3, H, W] (e.g. prediction,
+    truth), one row per view, every image enlarged by a whole factor (nearest pixel) to at least
+    min_height pixels, with a white gap between images. -> [rows, cols, 3] uint8."""
+    scale = max(1, -(-min_height // columns[0].shape[-2]))
+    views, gap = columns[0].shape[0], 4
+    tiles = [[np.kron(to_uint8(column[v]), np.ones((scale, scale, 1), np.uint8)) for column in columns]
+             for v in range(views)]
+    height, width = tiles[0][0].shape[:2]
+    canvas = np.full((views * (height + gap) - gap, len(columns) * (width + gap) - gap, 3), 255, np.uint8)
+    for v, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            canvas[v * (height + gap):v * (height + gap) + height, c * (width + gap):c * (width + gap) + width] = tile
+    return canvas
+
+
 def save_png(path: str | Path, image: np.ndarray) -> Path:
     from PIL import Image
 
@@ -138,7 +154,7 @@ def plot_curves(path: str | Path, series: dict[str, Sequence[tuple[float, float]
         line = [at(x, y) for x, y in values if np.isfinite(y)]
         color = palette[i % len(palette)]
         if len(line) > 1:  # each line narrower than the one before, so that curves which agree all show
-            draw.line(line, fill=color, width=2 + 2 * (len(series) - 1 - i))
+            draw.line(line, fill=color, width=2 + (len(series) - 1 - i))
         elif line:
             draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=color)
         draw.text((left + 8, top + 4 + 16 * i), name, fill=color)

@@ -16,7 +16,7 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,10 @@ from torch.utils.data import DataLoader, Sampler
 from tokengs import workspace as ws
 from tokengs.cli import fail, parse_options
 from tokengs.options import Options, OptionsError
+from tokengs.startup import raise_problems
+
+if TYPE_CHECKING:
+    from tokengs.data.types import Batch, Views
 
 log = logging.getLogger("tokengs.train")
 
@@ -55,8 +59,9 @@ def dyn_aux_weight(opt: Options, step: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float = 0.05) -> list[dict]:
-    """Weight decay on parameters of 2+ dimensions except the scene latents and the activation head
-    (the Gaussian tokens are decayed, as in the release)."""
+    """Weight decay on parameters of 2+ dimensions except the scene latents and the activation head.
+    The Gaussian tokens are decayed: the released checkpoints were trained so, and finetuning
+    from them keeps that regime."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -129,14 +134,11 @@ def set_rng_state(encoded: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def startup_problems(opt: Options) -> list[str]:
-    from tokengs.data import dataset_root_problems
-    from tokengs.models.checkpoint import checkpoint_file_problems
+    from tokengs.startup import model_and_data_problems
 
-    problems = list(dataset_root_problems(opt))
     workspace = Path(opt.workspace)
     resuming = (workspace / ws.METADATA_FILE).exists()
-    if opt.resume and not resuming:
-        problems += checkpoint_file_problems(opt.resume, "--resume")
+    problems = model_and_data_problems(opt, None if resuming else opt.resume or None, "--resume")
     if resuming:
         missing = ws.missing_checkpoint_files(workspace)
         if missing:
@@ -162,11 +164,6 @@ def config_problems(opt: Options) -> list[str]:
         return []
     return [f"{config} disagrees with the flags given: {'; '.join(diff)}. Run with `--config {config}` or "
             "choose another --workspace"]
-
-
-def _raise_problems(problems: list[str], before: str) -> None:
-    if problems:
-        raise OptionsError(f"fix {len(problems)} problem(s) before {before}:\n  - " + "\n  - ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,10 +192,9 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        from tokengs.data import build_dataset
+        from tokengs.data import build_dataset, collate
         from tokengs.losses import LossComputer
-        from tokengs.models import TokenGS
-        from tokengs.models.checkpoint import load_model_checkpoint, load_weights
+        from tokengs.startup import build_model
 
         opt, acc = self.opt, self.accelerator
         torch.manual_seed(opt.seed)
@@ -214,9 +210,9 @@ class Trainer:
         self.train_set = build_dataset(opt, "train")
         self.val_set = build_dataset(opt, "val")
         self.sampler = EpochSampler(len(self.train_set), opt.seed, acc.process_index, acc.num_processes)
-        self.loader = DataLoader(self.train_set, batch_size=opt.batch_size, sampler=self.sampler,
+        self.loader = DataLoader(self.train_set, batch_size=opt.batch_size, sampler=self.sampler, collate_fn=collate,
                                  num_workers=opt.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
-                                 worker_init_fn=_ignore_sigterm)
+                                 worker_init_fn=_ignore_stop_signals)
         batches = self.sampler.per_process() // opt.batch_size
         self.steps_per_epoch = steps_per_epoch(opt, batches)
         if self.steps_per_epoch == 0:
@@ -224,9 +220,11 @@ class Trainer:
                                f"gradient_accumulation_steps={opt.gradient_accumulation_steps}; add scenes or "
                                "lower --batch_size")
 
-        model = TokenGS(opt)
-        if metadata is None and opt.resume:
-            load_model_checkpoint(model, load_weights(opt.resume), opt, strict=False)
+        # a resumed run continues its own weights exactly; a new one starts from --resume, loading what fits
+        if metadata is not None:
+            model = build_model(opt, self.workspace / ws.MODEL_FILE, strict=True)
+        else:
+            model = build_model(opt, opt.resume or None, strict=False)
         optimizer = build_optimizer(opt, model)
         total = opt.num_epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(opt, optimizer, total)
@@ -238,11 +236,7 @@ class Trainer:
             self._init_loggers()
 
     def _resume(self, metadata: dict) -> None:
-        from tokengs.models.checkpoint import load_model_checkpoint
-
-        # the path, not its weights, so that a strict-loading error names the file
-        load_model_checkpoint(self.accelerator.unwrap_model(self.model), self.workspace / ws.MODEL_FILE, self.opt,
-                              strict=True)
+        """The optimizer, schedule, counters and random streams of the checkpoint (its weights are in the model)."""
         # loaded to the CPU, and load_state_dict moves each state to its parameter's device (a map_location of
         # the process's device fails for CPU processes, which accelerate names cpu:1, cpu:2, ...)
         self.optimizer.load_state_dict(torch.load(self.workspace / ws.OPTIMIZER_FILE, map_location="cpu",
@@ -302,17 +296,16 @@ class Trainer:
         acc.wait_for_everyone()
 
     # -- one optimizer step's worth of micro-batches --------------------------------------------
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: Batch) -> dict:
         opt, acc = self.opt, self.accelerator
-        batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = batch.to(acc.device, non_blocking=True)
         model = acc.unwrap_model(self.model)
         with acc.accumulate(self.model):
             with acc.autocast():
                 packed = self.model(batch)
             aux_weight = dyn_aux_weight(opt, self.global_step)
-            result = self.loss.backward(packed.float(), batch, dyn_aux_weight=aux_weight,
-                                        num_static=opt.num_gs_tokens * opt.dec_patch_size**2,
-                                        backward=acc.backward)
+            result = self.loss.backward(packed.float(), supervised_views(opt, batch), dyn_aux_weight=aux_weight,
+                                        num_static=model.num_static_gaussians, backward=acc.backward)
             # every micro-batch of the optimizer step counts: a NaN in an early one must skip the update too
             self.window_losses.append(result.loss.detach())
             stats = {"loss": result.loss.detach(), "psnr": result.psnr.detach().mean(), "dyn_aux_weight": aux_weight}
@@ -354,19 +347,18 @@ class Trainer:
 
         if len(self.val_set) == 0:
             return float("nan")
-        acc, opt = self.accelerator, self.opt
+        acc = self.accelerator
         self.model.eval()
-        loader = DataLoader(self.val_set, batch_size=1, num_workers=0)
         psnrs = []
-        for i, batch in enumerate(loader):
-            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        for i in range(len(self.val_set)):
+            batch = self.val_set[i].to(acc.device)
             with acc.autocast():
                 packed = self.model(batch)
-            result = self.loss.evaluate(packed.float(), batch)
+            result = self.loss.evaluate(packed.float(), batch.target)
             psnrs.append(result.psnr.float().cpu())
             if i == 0 and self.is_main:
                 save_image_grid(self.workspace / "val" / f"epoch_{self.epoch:04d}.png",
-                                [batch["images_output"][0], result.render.images[0]])
+                                [batch.target.images[0], result.render.images[0]])
         self.model.train()
         return float(torch.cat(psnrs).mean())
 
@@ -432,20 +424,26 @@ class Trainer:
 
     @contextmanager
     def _sigterm_stops(self):
-        """SIGTERM (how SLURM preempts) only sets a flag, which the loop checks after each step;
-        the previous handler is back afterwards."""
+        """SIGTERM (how SLURM preempts) and a first Ctrl-C only set a flag, which the loop checks
+        after each step: the run saves the step's checkpoint and stops. A second Ctrl-C interrupts
+        at once. The previous handlers are back afterwards."""
         def request_stop(signum, frame):
             self.stop_requested = True
+            if signum == signal.SIGINT:
+                log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to quit now)")
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        try:
-            previous = signal.signal(signal.SIGTERM, request_stop)
-        except ValueError:  # not the main thread (e.g. inside a notebook worker): SIGTERM keeps its handler
-            previous = None
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[signum] = signal.signal(signum, request_stop)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker): the signal keeps its handler
+                pass
         try:
             yield
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _stop_agreed(self) -> bool:
         """Whether any process got SIGTERM. Processes get it at different moments, and all must stop
@@ -456,7 +454,7 @@ class Trainer:
         return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
 
     def _stopped(self) -> bool:
-        log.warning("SIGTERM: checkpoint saved at step %d in %s; exiting (run the same command to resume)",
+        log.warning("stopped (SIGTERM or Ctrl-C): checkpoint saved at step %d in %s; run the same command to resume",
                     self.global_step, self.workspace)
         return False
 
@@ -497,11 +495,19 @@ class Trainer:
             self.wandb.log(scalars, step=self.global_step)
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM. SLURM sends it to every process of the job, and a worker
-    killed by it makes the next batch raise before the main process could save its checkpoint;
-    the main process shuts its workers down itself when it stops."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT. SLURM sends SIGTERM to every process of the
+    job, and a terminal sends Ctrl-C's SIGINT to its whole process group; a worker stopped by
+    either makes the next batch raise before the main process could save its checkpoint. The
+    main process shuts its workers down itself when it stops."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def supervised_views(opt: Options, batch: Batch) -> Views:
+    """The views the training loss renders: the targets, or with use_input_supervision the context
+    views and then the targets (a sample may then have no view beyond its context)."""
+    return batch.all_views() if opt.use_input_supervision else batch.target
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -516,12 +522,12 @@ def run(opt: Options) -> bool:
     if (workspace / ws.COMPLETE_FILE).exists():
         if not opt.retrain:
             # changed flags would otherwise pass unnoticed, as if they had trained the workspace
-            _raise_problems(config_problems(opt), "running a COMPLETE workspace (--retrain trains it again)")
+            raise_problems(config_problems(opt), "running a COMPLETE workspace (--retrain trains it again)")
             log.warning("%s is COMPLETE; nothing to do (pass --retrain to train it again)", workspace)
             return True
         log.warning("--retrain: training %s again from the start; its checkpoint will be replaced", workspace)
         ws.forget_checkpoint(workspace)
-    _raise_problems(startup_problems(opt), "training")
+    raise_problems(startup_problems(opt), "training")
     trainer = Trainer(opt)
     trainer.setup()
     return trainer.fit()
@@ -530,8 +536,10 @@ def run(opt: Options) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tokengs.models.checkpoint import CheckpointError
+    from tokengs.threads import configure_cpu_threads
 
     opt = parse_options(argv, prog="python -m tokengs.train")
+    configure_cpu_threads()
     try:
         run(opt)
     except (OptionsError, CheckpointError) as exc:  # the command or its files need fixing: nothing was trained

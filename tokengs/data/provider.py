@@ -1,6 +1,6 @@
 """The provider: which views of a scene make a sample (`sample_static_views`,
-`sample_dynamic_views`), how raw frames and cameras become the model's inputs
-(`preprocess_views`), and the dataset that ties readers to both (`SceneDataset`).
+`sample_dynamic_views`), how raw frames and cameras become typed views (`preprocess_views`), and
+the dataset that ties readers to both (`SceneDataset`), whose items are `Batch`es of one scene.
 
 Sampling and preprocessing are pure functions of their arguments (the randomness comes in as a
 generator), so that a sample is reproducible from (seed, epoch, index) and the pipeline can be
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,9 +20,7 @@ from torch import Tensor
 
 from tokengs import cameras
 from tokengs.data.scene import DataLoadError, SceneError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from tokengs.data.types import Batch, Views
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,21 +113,14 @@ def crop_resize(images: Tensor, out_hw: Tuple[int, int]) -> Tensor:
 
 def preprocess_views(opt, rgbs: Tensor, masks: Optional[Tensor], depths: Optional[Tensor], c2ws: Tensor,
                      intrinsics: Tensor, timesteps: Tensor, scene_scale: float, training: bool = False,
-                     generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
-    """Raw views of one sample -> the model's inputs (the release's batch keys, no batch dim).
+                     generator: Optional[torch.Generator] = None) -> Views:
+    """Raw views of one scene -> its Views, a batch of one [1, V, ...] at opt.img_size.
 
-    rgbs [V, 3, Hr, Wr] in [0, 1]; masks [V, 1, Hr, Wr] or None (all ones); depths [V, 1, Hr, Wr]
-    or None (needed only by the pointmap scale); c2ws [V, 4, 4] OpenCV; intrinsics [V, 4] in raw
-    pixels; timesteps [V]. The first opt.num_input_views views are the context. Training applies
+    rgbs [V, 3, Hr, Wr] in [0, 1]; masks [V, 1, Hr, Wr] or None (all ones, has_mask False); depths
+    [V, 1, Hr, Wr] or None (needed only by the pointmap scale); c2ws [V, 4, 4] OpenCV; intrinsics
+    [V, 4] in raw pixels; timesteps [V]. The first opt.num_input_views views are the context: the
+    cameras are normalized to their frame and scaled by opt.camera_scale_method. Training applies
     random reflection (opt.random_reflect) drawn from generator.
-
-    Returns, with V_in = num_input_views and H, W = opt.img_size: input [V, 3 + T + 6, H, W];
-    images_all [V, 3, H, W] and its parts images_input / images_output; intrinsics_all [V, 4]
-    and intrinsics_input / intrinsics; cam_view_all [V, 4, 4] and cam_view_input / cam_view;
-    cam_to_world_input [V_in, 4, 4]; rays_os, rays_ds [V, 3, H, W]; masks_all [V, 1, H, W],
-    masks_output; has_mask (bool tensor); timesteps [V]. The targets (images_output, intrinsics,
-    cam_view, masks_output) are the views after the context, or in training with
-    opt.use_input_supervision every view, the context first.
     """
     n_in = opt.num_input_views
     out_hw = tuple(opt.img_size)
@@ -155,29 +146,11 @@ def preprocess_views(opt, rgbs: Tensor, masks: Optional[Tensor], depths: Optiona
         c2ws = cameras.reflect_c2w(c2ws)
         intrinsics_out = cameras.reflect_intrinsics(intrinsics_out, width)
 
-    cam_view = cameras.c2w_to_cam_view(c2ws)
     rays_o, rays_d = cameras.pixel_rays(c2ws, intrinsics_out, height, width)
-    mean = images.new_tensor(IMAGENET_MEAN)[:, None, None]
-    std = images.new_tensor(IMAGENET_STD)[:, None, None]
-    channels = [(images - mean) / std]
-    if opt.time_embedding:
-        embedding = cameras.time_embedding(timesteps, opt.time_embedding_dim)
-        channels.append(embedding[:, :, None, None].expand(-1, -1, height, width))
-    channels.append(cameras.plucker(rays_o, rays_d))
-
-    first_target = 0 if training and opt.use_input_supervision else n_in
-    return {
-        "input": torch.cat(channels, 1),
-        "images_all": images, "images_input": images[:n_in], "images_output": images[first_target:],
-        "intrinsics_all": intrinsics_out, "intrinsics_input": intrinsics_out[:n_in],
-        "intrinsics": intrinsics_out[first_target:],
-        "cam_view_all": cam_view, "cam_view_input": cam_view[:n_in], "cam_view": cam_view[first_target:],
-        "cam_to_world_input": c2ws[:n_in],
-        "rays_os": rays_o, "rays_ds": rays_d,
-        "masks_all": masks_out, "masks_output": masks_out[first_target:],
-        "has_mask": torch.tensor(has_mask),
-        "timesteps": timesteps.float(),
-    }
+    views = Views(images=images, masks=masks_out, has_mask=torch.full(timesteps.shape, has_mask),
+                  w2c=torch.linalg.inv(c2ws), intrinsics=intrinsics_out, timesteps=timesteps.float(),
+                  rays=cameras.plucker(rays_o, rays_d))
+    return views.map(lambda t: t.unsqueeze(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +175,8 @@ class Source:
 
 
 class SceneDataset(torch.utils.data.Dataset):
-    """Samples of the scenes of one stage ('train', 'val' or 'eval'), as dicts of tensors (the
-    keys of `preprocess_views`, plus scene_name).
+    """Samples of the scenes of one stage ('train', 'val' or 'eval'), each a `Batch` of one scene
+    (`tokengs.data.types.collate` joins them).
 
     Training draws views and augmentation from (opt.seed, epoch, index) (`set_epoch`); a scene
     that fails to load is logged once, counted and replaced by another, and after
@@ -220,7 +193,6 @@ class SceneDataset(torch.utils.data.Dataset):
         self.consecutive_failures = 0
         self._logged: set = set()
         self._bad: set = set()
-        self._opts: Dict[int, object] = {}
         if stage == "eval":
             for source in sources:
                 for name, entry in (source.evaluation or {}).items():
@@ -255,11 +227,6 @@ class SceneDataset(torch.utils.data.Dataset):
                                         source.spec.gap, opt.use_interp_target)
         return sample_static_views(rng, meta.num_frames, opt.num_input_views, num_targets, source.spec.gap)
 
-    def _options(self, num_views: int):
-        if num_views not in self._opts:
-            self._opts[num_views] = self.opt if num_views == self.opt.num_views else self.opt.evolve(num_views=num_views)
-        return self._opts[num_views]
-
     def view_choice(self, index: int):
         """(the ViewChoice that `load(index)` makes, the scene's metadata), reading no images."""
         k, ref = self.entries[index]
@@ -268,7 +235,7 @@ class SceneDataset(torch.utils.data.Dataset):
         with source.reader.open(ref) as scene:
             return self._choose(rng, source, scene.meta), scene.meta
 
-    def load(self, index: int, targets: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
+    def load(self, index: int, targets: Optional[Sequence[int]] = None) -> Batch:
         """The sample of entry index (raises on any failure). targets: frame indices (camera *
         num_frames + frame for multi-camera scenes) that replace the drawn targets, keeping the
         context (render scripts ask for every camera at one time)."""
@@ -286,15 +253,14 @@ class SceneDataset(torch.utils.data.Dataset):
                 choice = ViewChoice(choice.context, tuple(int(i) for i in targets))
             views = scene.views(choice.indices, depth=need_depth)
         indices = choice.indices
-        sample = preprocess_views(
-            self._options(len(indices)), views.rgbs, views.masks, views.depths,
+        prepared = preprocess_views(
+            self.opt, views.rgbs, views.masks, views.depths,
             torch.from_numpy(meta.c2ws[indices]).float(), torch.from_numpy(meta.intrinsics[indices]).float(),
             torch.from_numpy(meta.timesteps[indices]).float(), source.scale, training=self.stage == "train",
             generator=generator)
-        sample["scene_name"] = meta.name
-        return sample
+        return Batch.from_views(prepared, self.opt.num_input_views, [meta.name])
 
-    def __getitem__(self, index: int) -> Dict[str, Tensor]:
+    def __getitem__(self, index: int) -> Batch:
         if self.stage != "train":
             try:
                 return self.load(index)

@@ -1,4 +1,4 @@
-"""The TokenGS model, its building blocks and checkpoint I/O."""
+"""The TokenGS model, its building blocks, what its encoder reads of the views, and checkpoint I/O."""
 
 from tokengs.models.checkpoint import CheckpointError, load_model_checkpoint, load_weights, save_model
 from tokengs.models.tokengs import SceneEncoding, TokenGS

@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from tokengs.models.layers import Attention, EncoderBlock, LayerScale, Mlp, head_norm, layer_norm, merge_heads, split_heads
 from tokengs.options import Options
 
-# LayerScale of the encoder's branches (DESIGN: 0.01 on both).
+# LayerScale of both branches (attention, MLP) of every encoder block: small, so that a block
+# trained from scratch starts close to the identity.
 ENCODER_LAYERSCALE = 0.01
 
 

@@ -1,29 +1,30 @@
 """The TokenGS model: posed context views -> a fixed number of 3D Gaussians, in one forward pass.
 
-    batch['input'] [B, V, 3 + T + 6, H, W] (RGB | time | Plücker per view; first num_input_views feed the encoder)
-      encode(batch)   -> SceneEncoding (decoder keys/values, or scene latents; target-time token offsets)
+    Batch (tokengs.data.types): context views (RGB, Plücker rays, times) and the targets' times
+      encode(batch)    -> SceneEncoding (decoder keys/values, or scene latents; target-time token offsets)
       decode(encoding) -> packed Gaussians [B, (num_gs_tokens + num_dynamic_gs_tokens)·dec_patch_size², 14]
 
 Encoding and decoding are separate so test-time tuning can encode once and decode many times
-with tuned tokens or scene latents. Parameter names are the release's.
+with tuned tokens or scene latents. Parameter names are the release's, so that its checkpoints load.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from tokengs.data.types import Batch
 from tokengs.gaussians import Gaussians
 from tokengs.models.backbone import EncDecBackbone
+from tokengs.models.encoder_input import (PLUCKER_CHANNELS, RGB_CHANNELS, normalized_rgb, time_channels,
+                                          view_time_embeddings)
 from tokengs.models.head import ActivationHead
 from tokengs.models.layers import LayerScale, PatchEmbed
 from tokengs.options import Options
 
-RGB_CHANNELS = 3
-PLUCKER_CHANNELS = 6
 LATENT_INIT_STD = 0.02
 # std of the truncated normal that starts every other linear layer (timm's ViT convention)
 LINEAR_INIT_STD = 0.02
@@ -102,42 +103,33 @@ class TokenGS(nn.Module):
         self.activation_head.reset_parameters()
 
     # ---- the steps -----------------------------------------------------------------------------
-    def _split_channels(self, views: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """views [..., 3 + T + 6, H, W] -> rgb, time, plucker."""
-        expected = RGB_CHANNELS + self.time_channels + PLUCKER_CHANNELS
-        if views.shape[-3] != expected:
-            raise ValueError(f"batch['input'] has {views.shape[-3]} channels per view; this model expects "
-                             f"{expected} (3 RGB + {self.time_channels} time + 6 Plücker; "
-                             f"time_embedding={self.opt.time_embedding})")
-        return views.split([RGB_CHANNELS, self.time_channels, PLUCKER_CHANNELS], dim=-3)
-
-    def embed_context(self, batch: Dict[str, Tensor]) -> Tensor:
+    def embed_context(self, batch: Batch) -> Tensor:
         """Context views -> one patch-token sequence per scene [B, V_in·P, D_enc] (no positional embedding)."""
-        context = batch["input"][:, : self.opt.num_input_views]
-        B, V = context.shape[:2]
-        rgb, time, plucker = self._split_channels(context.flatten(0, 1))
-        tokens = self.patch_embed(rgb) + self.patch_plucker_embed(plucker)
+        context = batch.context
+        B, V = context.images.shape[:2]
+        tokens = (self.patch_embed(normalized_rgb(context.images.flatten(0, 1)))
+                  + self.patch_plucker_embed(context.rays.flatten(0, 1)))
         if self.opt.time_embedding:
-            tokens = tokens + self.patch_time_embed(time)
+            times = view_time_embeddings(batch, self.time_channels)[:, :V]
+            tokens = tokens + self.patch_time_embed(time_channels(times.flatten(0, 1), context.image_hw))
         return tokens.reshape(B, V * tokens.shape[1], tokens.shape[2])
 
-    def target_time_tokens(self, batch: Dict[str, Tensor]) -> Optional[Tensor]:
-        """The first target view's time channels -> offsets for the dynamic tokens (or all) [B, n, D]."""
+    def target_time_tokens(self, batch: Batch) -> Optional[Tensor]:
+        """The first target view's time -> offsets for the dynamic tokens (or all) [B, n, D]."""
         if not self.opt.time_embedding:
             return None
-        views = batch["input"]
-        if views.shape[1] <= self.opt.num_input_views:
-            raise ValueError(f"time_embedding needs a target view after the {self.opt.num_input_views} context views "
-                             f"in batch['input'] (got {views.shape[1]} views)")
-        _, time, _ = self._split_channels(views[:, self.opt.num_input_views])
-        patch_tokens = self.patch_time_embed_tgt(time)
+        if batch.target.num_views == 0:
+            raise ValueError("time_embedding decodes the Gaussians at the first target view's time; the batch "
+                             "has no target view")
+        first_target = view_time_embeddings(batch, self.time_channels)[:, batch.context.num_views]
+        patch_tokens = self.patch_time_embed_tgt(time_channels(first_target, batch.target.image_hw))
         count = self.num_dynamic_tokens or self.num_static_tokens
         if patch_tokens.shape[1] < count:
             raise ValueError(f"the target time embedding has {patch_tokens.shape[1]} patches, fewer than the "
                              f"{count} tokens it offsets; use a larger img_size or fewer tokens")
         return patch_tokens[:, :count]
 
-    def encode(self, batch: Dict[str, Tensor]) -> SceneEncoding:
+    def encode(self, batch: Batch) -> SceneEncoding:
         features = self.enc_dec_backbone.encode_features(self.embed_context(batch))
         time_tokens = self.target_time_tokens(batch)
         if self.opt.use_latent_bottleneck:
@@ -183,23 +175,27 @@ class TokenGS(nn.Module):
         decoded = self.enc_dec_backbone.decode(tokens, keys, values, num_static)
         return self.activation_head(decoded).pack()
 
-    def forward_gaussians(self, batch: Dict[str, Tensor]) -> Tensor:
-        """batch (release layout) -> activated, packed Gaussians [B, N, 14]."""
+    def forward_gaussians(self, batch: Batch) -> Tensor:
+        """-> activated, packed Gaussians [B, N, 14]."""
         return self.decode(self.encode(batch))
 
-    def gaussians(self, batch: Dict[str, Tensor]) -> Gaussians:
+    def gaussians(self, batch: Batch) -> Gaussians:
         return Gaussians.unpack(self.forward_gaussians(batch))
 
-    def forward(self, batch: Dict[str, Tensor]) -> Tensor:
+    def forward(self, batch: Batch) -> Tensor:
         return self.forward_gaussians(batch)
 
     @property
     def num_gaussians(self) -> int:
         return self.opt.num_gaussians
 
+    @property
+    def num_static_gaussians(self) -> int:
+        """The Gaussians decoded from the static tokens: the first ones of the packed set, the dynamic ones follow."""
+        return self.num_static_tokens * self.opt.dec_patch_size**2
+
     def dynamic_gaussian_mask(self) -> Tensor:
-        """[N] bool over the packed Gaussians: True for those decoded from dynamic tokens (they come last)."""
-        per_token = self.opt.dec_patch_size**2
+        """[N] bool over the packed Gaussians: True for those decoded from dynamic tokens."""
         mask = torch.zeros(self.num_gaussians, dtype=torch.bool)
-        mask[self.num_static_tokens * per_token:] = True
+        mask[self.num_static_gaussians:] = True
         return mask

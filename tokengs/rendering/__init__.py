@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from ..data.types import Views
 from ..gaussians import Gaussians
-from .common import TILE_SIZE, BgColor, RenderOutput, background_tensor, intrinsics_matrices, w2c_from_cam_view
+from .common import TILE_SIZE, BgColor, RenderOutput, background_tensor, intrinsics_matrices
 from .gsplat_backend import render_gsplat
 from .torch_backend import render_torch
 
-__all__ = ["render", "render_chunked", "render_path", "resolve_backend", "RenderOutput", "intrinsics_matrices", "w2c_from_cam_view"]
+__all__ = ["render", "render_chunked", "render_path", "resolve_backend", "RenderOutput", "intrinsics_matrices"]
 
 _BACKENDS = {"gsplat": render_gsplat, "torch": render_torch}
 
@@ -54,21 +55,25 @@ def render(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tupl
     return parts[0] if len(parts) == 1 else RenderOutput.cat(parts, dim=1)
 
 
-def render_chunked(opt, gaussians: Union[Gaussians, Tensor], batch: Mapping[str, Tensor],
+def render_chunked(opt, gaussians: Union[Gaussians, Tensor], views: Views,
                    chunk_size: Optional[int] = None) -> RenderOutput:
-    """Render Gaussians (a Gaussians [B, N] or packed [B, N, 14]) into a batch's target cameras at
-    opt.img_size, with the options' background, planes and backend, `chunk_size` views at a time
-    (evaluation passes opt.eval_render_chunk_size). The cameras are batch["w2c"], or the release's
-    batch["cam_view"] (transposed), with batch["intrinsics"]."""
-    if isinstance(gaussians, Tensor):
-        gaussians = Gaussians.unpack(gaussians)
-    w2c = batch["w2c"] if "w2c" in batch else w2c_from_cam_view(batch["cam_view"])
-    return render(gaussians, w2c, batch["intrinsics"], opt.img_size, opt.bg_rgb, opt.znear, opt.zfar,
-                  backend=opt.render_backend, view_chunk_size=chunk_size, tile_size=opt.render_tile_size)
+    """Render Gaussians (a Gaussians [B, N] or packed [B, N, 14]) into the cameras of views [B, V]
+    at their image size, with the options' background, planes, backend and tile size,
+    `chunk_size` views at a time (evaluation passes opt.eval_render_chunk_size)."""
+    return _render_with_options(opt, gaussians, views.w2c, views.intrinsics, views.image_hw, chunk_size)
 
 
 def render_path(opt, gaussians: Gaussians, c2ws: Tensor, intrinsics: Tensor, chunk_size: int = 8) -> Tensor:
     """Frames of ONE scene's Gaussians [1, N] seen along a camera path c2ws [F, 4, 4] (OpenCV
-    camera-to-world) with the same intrinsics [4] throughout -> images [F, 3, H, W] in [0, 1]."""
-    cameras = {"w2c": torch.linalg.inv(c2ws)[None], "intrinsics": intrinsics.expand(len(c2ws), 4)[None]}
-    return render_chunked(opt, gaussians, cameras, chunk_size=chunk_size).images[0].clamp(0, 1)
+    camera-to-world) with the same intrinsics [4] throughout, at opt.img_size -> images [F, 3, H, W] in [0, 1]."""
+    rendered = _render_with_options(opt, gaussians, torch.linalg.inv(c2ws)[None], intrinsics.expand(len(c2ws), 4)[None],
+                                    opt.img_size, chunk_size)
+    return rendered.images[0].clamp(0, 1)
+
+
+def _render_with_options(opt, gaussians: Union[Gaussians, Tensor], w2c: Tensor, intrinsics: Tensor,
+                         image_hw: tuple[int, int], chunk_size: Optional[int]) -> RenderOutput:
+    if isinstance(gaussians, Tensor):
+        gaussians = Gaussians.unpack(gaussians)
+    return render(gaussians, w2c, intrinsics, image_hw, opt.bg_rgb, opt.znear, opt.zfar, backend=opt.render_backend,
+                  view_chunk_size=chunk_size, tile_size=opt.render_tile_size)

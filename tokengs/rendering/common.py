@@ -42,11 +42,6 @@ class RenderOutput:
         return RenderOutput(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=dim) for f in fields(RenderOutput)})
 
 
-def w2c_from_cam_view(cam_view: Tensor) -> Tensor:
-    """The release's batch stores `cam_view` = world-to-camera TRANSPOSED [..., 4, 4]; undo that."""
-    return cam_view.transpose(-1, -2)
-
-
 def intrinsics_matrices(intrinsics: Tensor) -> Tensor:
     """(fx, fy, cx, cy) [..., 4] -> pinhole matrices K [..., 3, 3], built with tensor ops."""
     fx, fy, cx, cy = intrinsics.unbind(-1)

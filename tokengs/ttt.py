@@ -1,4 +1,5 @@
-"""Test-time tuning (DESIGN.md "Test-time tuning (evaluation)").
+"""Test-time tuning: an evaluation procedure that adapts the reconstruction of each scene to its
+own context views.
 
 The scene is encoded once; then either a copy of the Gaussian tokens (token-tuning) or the scene
 latents (scene-latent-tuning, latent-bottleneck models) are optimised so that the decoded
@@ -10,15 +11,15 @@ duration and restored afterwards, so they come out bit-identical.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Mapping
+from dataclasses import replace
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from tokengs.losses import RenderTargets
+from tokengs.data.types import Views
 from tokengs.models.tokengs import SceneEncoding, TokenGS
 from tokengs.options import Options
-from tokengs.rendering.common import w2c_from_cam_view
 
 __all__ = ["context_targets", "test_time_tune"]
 
@@ -26,41 +27,36 @@ __all__ = ["context_targets", "test_time_tune"]
 GRAPH_WARMUP = 2
 
 
-def context_targets(batch: Mapping[str, Tensor]) -> RenderTargets:
-    """The context views as render targets: images_input [B, V_in, 3, H, W], their cameras
-    (cam_view_input [B, V_in, 4, 4], else the inverse of cam_to_world_input) and intrinsics_input
-    [B, V_in, 4]. Masks are all ones and never apply (has_mask False), as in the release: the
-    context images are supervised everywhere."""
-    images = batch["images_input"]
-    if "cam_view_input" in batch:
-        w2c = w2c_from_cam_view(batch["cam_view_input"])
-    else:
-        w2c = torch.linalg.inv(batch["cam_to_world_input"])
-    return RenderTargets(images=images, masks=torch.ones_like(images[:, :, :1]),
-                         has_mask=torch.zeros(images.shape[0], dtype=torch.bool, device=images.device),
-                         w2c=w2c, intrinsics=batch["intrinsics_input"])
+def context_targets(context: Views) -> Views:
+    """The context views [B, V_in] as the tuning loss's targets: their whole images, masks all
+    ones and the mask term off. Tuning fits the images the model was given, background included,
+    which is also how the release tunes, so that tuned scores compare with its own."""
+    return replace(context, masks=torch.ones_like(context.masks), has_mask=torch.zeros_like(context.has_mask))
 
 
-def test_time_tune(model: TokenGS, encoding: SceneEncoding, batch: Mapping[str, Tensor], opt: Options,
+def test_time_tune(model: TokenGS, encoding: SceneEncoding, context: Views, opt: Options,
                    loss_fn: Callable) -> Tensor:
-    """Tune the tokens or scene latents of `encoding`'s B scenes on their context views; return the
-    Gaussians decoded from the tuned values, packed [B, N, 14], without a graph.
+    """Tune the tokens or scene latents of `encoding`'s B scenes on their context views [B, V_in]
+    (those `encoding` was made from); return the Gaussians decoded from the tuned values, packed
+    [B, N, 14], without a graph.
 
     opt.resolved_ttt_mode picks what is tuned: "token-tuning" optimises per-scene copies of the
     learned tokens [B, num_gs_tokens (+ dynamic), D]; "scene-latent-tuning" optimises a copy of
     encoding.scene_latents [B, num_latents, D] (re-projected to keys/values by every decode), the
     tokens staying the learned ones. Adam (default betas), lr opt.ttt_lr, opt.ttt_n_steps steps.
     loss_fn(packed, targets) -> an object with .loss (a tokengs.losses.LossComputer) is the training
-    loss; its dynamic-only auxiliary term, a training schedule, is not used, as in the release.
+    loss; its dynamic-only auxiliary term is left out: its weight follows the training step, and
+    tuning one scene has no training step.
     Every decode leaves out the target time embedding: the context views are rendered while
-    tuning, and the release renders the targets from that same time-free decode.
+    tuning. The targets are then rendered from that same time-free decode, which is how the
+    release scores tuned models: tuned scores stay comparable with its published ones.
 
     Nothing in the loop reads a value back to the host, so GPU steps queue without waiting.
     With opt.ttt_cuda_graph, scene-latent tuning on CUDA captures the decode, forward and
     backward, as CUDA graphs once per call and replays them every step (same kernels, no Python
     per layer); token-tuning's decode keeps the GPU busy on its own and runs as it is.
     """
-    targets = context_targets(batch)
+    targets = context_targets(context)
     if opt.resolved_ttt_mode == "scene-latent-tuning":
         tuned = encoding.scene_latents.detach().clone().requires_grad_(True)
         decode = lambda latents: model.decode(encoding, scene_latents=latents, use_target_time=False)

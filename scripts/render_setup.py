@@ -1,6 +1,6 @@
-"""What the render scripts share: options from a preset or a workspace (and a DL3DV root read in
-the layout found there), start-up checks that collect every problem (exit 2), and the model and
-evaluation scenes to render."""
+"""What the render scripts (render_trajectory.py, render_kubric_dyn.py) share: options from a preset
+or a workspace (and a DL3DV root read in the layout found there), start-up checks that collect
+every problem (exit 2), and the model and evaluation scenes to render."""
 
 from __future__ import annotations
 
@@ -101,21 +101,19 @@ def load_for_rendering(opt: Optional[Options], ckpt: Path, problems: list[str], 
                        extra_checks: Callable[[Options], list[str]] = lambda opt: []):
     """Check everything (dataset roots, checkpoint, extra_checks), exit 2 listing every problem
     found; then the model on the best device, in eval mode, and the evaluation dataset."""
-    from tokengs.data import build_dataset, dataset_root_problems
-    from tokengs.models import TokenGS, load_model_checkpoint
+    from tokengs.data import build_dataset
     from tokengs.models.checkpoint import CheckpointError, checkpoint_file_problems
+    from tokengs.startup import build_model, model_and_data_problems, raise_problems
 
-    problems = problems + checkpoint_file_problems(ckpt, "--ckpt")
-    if opt is not None:
-        problems += dataset_root_problems(opt) + extra_checks(opt)
-    if problems:
-        fail(f"fix {len(problems)} problem(s) before {what}:\n  - " + "\n  - ".join(problems))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = TokenGS(opt)
     try:
-        load_model_checkpoint(model, ckpt, opt, strict=opt.strict_checkpoint_loading)
-    except CheckpointError as exc:
+        # without options (their problem is listed already) the checkpoint file is checked all the same
+        checks = (model_and_data_problems(opt, ckpt, "--ckpt") + extra_checks(opt) if opt is not None
+                  else checkpoint_file_problems(ckpt, "--ckpt"))
+        raise_problems(problems + checks, what)
+        model = build_model(opt, ckpt)
+    except (OptionsError, CheckpointError) as exc:
         fail(str(exc))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), build_dataset(opt, "eval"), device
 
 
