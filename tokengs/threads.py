@@ -2,8 +2,9 @@
 
 torch's default, one OpenMP thread per core, stalls at every operation's barrier when another
 process holds one of the cores: measured on 2 cores with one busy process beside it, a demo
-training step went from 5.2 to 112 s (21x) on 2 threads, and from 7.8 to 7.8 s on 1 thread
-(scripts/cpu_step_time.py). Half the cores keeps a step's time whatever else runs.
+training step went from 4.6 to 14.8 s (3.2x; 21x while a test suite also ran) on 2 threads, and
+from 7.40 to 7.49 s on 1 thread (scripts/cpu_step_time.py). Half the cores keeps a step's time
+whatever else runs.
 """
 
 from __future__ import annotations
