@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from tokengs import workspace as ws  # noqa: E402
 from tokengs.options import get_preset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,15 +124,13 @@ def check_training(args, out: Path, data: Path, report: dict) -> None:
                TOKENGS_AUDIT_WATCH=str(many), TOKENGS_AUDIT_OUT=str(records))
     wall_many = run(train_command(args.gpus, args.gpus, data, many, args), out / "train_many.log", env)
     global_batch = args.gpus * args.batch_size
-    from tokengs import workspace as ws_module
-
     runs = {"one_process": one, f"{args.gpus}_processes": many}
-    curves = {name: scalars(ws, "train/loss") for name, ws in runs.items()}
+    curves = {name: scalars(workspace, "train/loss") for name, workspace in runs.items()}
     rates, wall_rates = {}, {}
-    for name, ws in runs.items():
-        its = [v for _, v in sorted(scalars(ws, "train/its").items())]
+    for name, workspace in runs.items():
+        its = [v for _, v in sorted(scalars(workspace, "train/its").items())]
         rates[name] = statistics.median(its[1:] or its) * global_batch  # the first window holds the warm-up
-        logged = events(ws, "train/loss")  # from the first logged step to the last: every batch loaded and trained
+        logged = events(workspace, "train/loss")  # from the first logged step to the last: every batch loaded and trained
         first, last = logged[0], logged[-1]
         wall_rates[name] = (last.step - first.step) * global_batch / (last.wall_time - first.wall_time)
     from tokengs.media import plot_curves
@@ -156,7 +155,7 @@ def check_training(args, out: Path, data: Path, report: dict) -> None:
         "samples_per_s_wall": wall_rates,
         "scaling_wall": wall_rates[f"{args.gpus}_processes"] / wall_rates["one_process"],
         "final_weights_one_vs_many": weight_difference(one / "model.safetensors", many / "model.safetensors"),
-        "skipped_steps": {name: ws_module.read_metadata(ws).get("nonfinite_steps", 0) for name, ws in runs.items()},
+        "skipped_steps": {name: ws.read_metadata(workspace).get("nonfinite_steps", 0) for name, workspace in runs.items()},
         "wall_s": {"one_process": wall_one, f"{args.gpus}_processes": wall_many},
         "loss_window_means": windows,
         "loss_max_abs_diff": max(abs(a[s] - b[s]) for s in common),
@@ -170,7 +169,6 @@ def check_resume(args, out: Path, data: Path, report: dict) -> None:
     workspace = out / "ws_resumed"
     shutil.rmtree(workspace, ignore_errors=True)
     command = train_command(args.gpus, args.gpus, data, workspace, args, save_every=args.steps // 3)
-    from tokengs import workspace as ws
 
     with open(out / "resume_first.log", "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -60,19 +60,31 @@ def _normalize_bools(args: list[str]) -> list[str]:
     return out
 
 
+def _flag_position(args: Sequence[str], flag: str) -> Optional[int]:
+    """Where `flag` stands in args (as `flag VALUE` or `flag=VALUE`), or None when absent."""
+    return next((i for i, arg in enumerate(args) if arg == flag or arg.startswith(flag + "=")), None)
+
+
+def flag_value(args: Sequence[str], flag: str, what: str = "a value") -> Optional[str]:
+    """The value of `flag` in args (`flag VALUE` or `flag=VALUE`), or None when absent; a flag
+    without its value fails saying it needs `what`."""
+    i = _flag_position(args, flag)
+    if i is None:
+        return None
+    if args[i] != flag:
+        return args[i].split("=", 1)[1]
+    if i + 1 >= len(args):
+        fail(f"{flag} needs {what}")
+    return args[i + 1]
+
+
 def _pop_flag(args: list[str], flag: str, what: str = "a value") -> Optional[str]:
     """Remove `flag VALUE` (or `flag=VALUE`) from args; its value, or None when absent."""
-    for i, arg in enumerate(args):
-        if arg == flag:
-            if i + 1 >= len(args):
-                fail(f"{flag} needs {what}")
-            value = args[i + 1]
-            del args[i:i + 2]
-            return value
-        if arg.startswith(flag + "="):
-            del args[i]
-            return arg.split("=", 1)[1]
-    return None
+    value = flag_value(args, flag, what)
+    if value is not None:
+        i = _flag_position(args, flag)
+        del args[i:i + (2 if args[i] == flag else 1)]
+    return value
 
 
 def _entries(docs: Mapping[str, str], width: int = 100) -> str:

@@ -230,8 +230,7 @@ def run(out: Path, data_root: Path, preset: Optional[str] = None, quick: bool = 
         baseline = mean_colour_baseline(eval_opt)
     video, ply = orbit_and_ply(eval_opt, trained, out)
     curve = training_curve(Path(opt.workspace), out, checkpoint)
-    comparison = shutil.copyfile(next(iter(sorted((out / "eval_ttt" / "images").glob("comparison_*.png")))),
-                                 out / "comparison.png")
+    comparison = shutil.copyfile(min((out / "eval_ttt" / "images").glob("comparison_*.png")), out / "comparison.png")
 
     summary = {
         "preset": preset, "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from tokengs import workspace as ws
-from tokengs.cli import fail, parse_options
+from tokengs.cli import fail, flag_value, parse_options
 from tokengs.options import Options, OptionsError
 
 if TYPE_CHECKING:
@@ -262,16 +262,6 @@ def evaluate(opt: Options, checkpoint: Path) -> list[SceneResult]:
     return results
 
 
-def _cli_value(args: Sequence[str], flag: str) -> Optional[str]:
-    """The value of `flag` in args (`--flag VALUE` or `--flag=VALUE`), or None when absent."""
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import sys
 
@@ -283,11 +273,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
-    config_path = _cli_value(args, "--config")
+    config_path = flag_value(args, "--config", "the path of a config.yaml")
     opt = parse_options(args, prog="python -m tokengs.evaluate")
     # scored on the held-out targets only: the context views are the model's input
     opt = opt.evolve(evaluating=True, use_input_supervision=False)
-    from_config = config_path is not None and _cli_value(args, "--resume") is None
+    from_config = config_path is not None and flag_value(args, "--resume") is None
     checkpoint = resolve_checkpoint(opt, config_path if from_config else None)
     configure_cpu_threads()
     try:
