@@ -174,7 +174,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     scene = random_scene("mem", 1, 20000, 1, (64, 64), seed=0, scale_range=(0.02, 0.12))
     gaussians = scene.gaussians.map(lambda t: t.requires_grad_())
     render(scene.gaussians.map(lambda t: t[:, :100]), scene.w2c, scene.intrinsics, (64, 64), (1, 1, 1), 0.025, 125.0)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the resident size now, not the high-water mark: a CUDA build of torch can peak at import
+    base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() // 1024
     start = time.time()
     out = render(gaussians, scene.w2c, scene.intrinsics, (64, 64), (1, 1, 1), 0.025, 125.0)
     (out.images.sum() + out.alphas.sum()).backward()
@@ -192,7 +193,6 @@ def test_memory_of_64x64_with_20k_gaussians_is_bounded():
     print(numbers)
     assert numbers["coverage"] > 0.5  # a dense scene, not an empty one
     assert numbers["peak_mb"] - numbers["base_mb"] < 1024, numbers  # rendering's own peak (ru_maxrss is in KB)
-    assert numbers["peak_mb"] < 2048, numbers
 
 
 def test_backend_choice():
