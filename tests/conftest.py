@@ -49,8 +49,10 @@ def reference_dir() -> Path:
 
 # The tiny models of the tests run fastest on one intra-op thread; beside another busy process on
 # a 2-core machine, two OpenMP threads wait on each other at every op and make the pure-PyTorch
-# rasterizer up to ~100x slower. ONE_THREAD_ENV is the same for subprocesses.
-ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+# rasterizer up to ~100x slower. ONE_THREAD_ENV is the same for subprocesses, and hides any GPU
+# from them: the runs they check (bit-identical resumes, gloo process groups) are the CPU path's,
+# on a GPU host too, where CUDA kernels would make them nondeterministic or put two ranks on one GPU.
+ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
 @pytest.fixture(scope="module")
