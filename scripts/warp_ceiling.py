@@ -21,7 +21,6 @@ and the mean colour where no context view sees the pixel. PSNR per room over all
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
 import zipfile

@@ -1,6 +1,8 @@
-"""Faults and bad input, caused on purpose: damaged data, damaged or foreign checkpoints, a full
-disk mid-run, non-finite numbers, mistyped command lines. Each test shows what the user gets: a
-logged skip, a clear error naming the file, or a run that stops with its last checkpoint intact.
+"""Faults and bad input, caused on purpose: damaged data, damaged or foreign checkpoints, garbage
+in a workspace's own files, two runs on one workspace, a workspace path that cannot be one, a
+read-only or full disk, non-finite numbers, mistyped command lines and option values. Each test
+shows what the user gets: a logged skip, one line naming the file or option (exit 2 at start-up,
+1 later), or a run that stops with its last checkpoint intact.
 
 Cases already shown elsewhere are not repeated here (the README's "What survives what" lists
 them all): a truncated zip, a missing frame and a NaN pose in the check CLI and a broken zip
@@ -9,7 +11,8 @@ that disagree with the workspace (test_train.py); a truncated, empty or foreign 
 directly (test_model.py, test_evaluate.py); parse_options' one-line errors (test_options.py).
 
 Everything runs on tiny synthetic scenes in this process, on one thread, except one real
-command line per entry point.
+command line per entry point and the runs that hold a workspace's lock. The full-disk and
+read-only tests mount a small tmpfs where they run as root (as CI does) and skip elsewhere.
 """
 
 import errno
@@ -18,9 +21,12 @@ import json
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -31,17 +37,19 @@ import pytest
 import torch
 
 from tokengs import workspace as ws
+from tokengs.cli import run_main, work_started
 from tokengs.data import Batch, build_dataset
 from tokengs.data.check import main as check_main
-from tokengs.data.scene import DataLoadError
+from tokengs.data.scene import DataLoadError, SceneError
 from tokengs.data.synthetic import generate
 from tokengs.evaluate import main as evaluate_main
 from tokengs.evaluate import score_views
 from tokengs.gaussians import Gaussians
 from tokengs.models import TokenGS
-from tokengs.models.checkpoint import load_model_checkpoint, save_model
-from tokengs.options import get_preset
+from tokengs.models.checkpoint import CheckpointError, checkpoint_file_problems, load_model_checkpoint, save_model
+from tokengs.options import OptionsError, get_preset
 from tokengs.rendering import render
+from tokengs.scene_files import SceneFileError
 from tokengs.train import NonFiniteError, Trainer
 from tokengs.train import main as train_main
 from conftest import ONE_THREAD_ENV
@@ -49,6 +57,7 @@ from conftest import ONE_THREAD_ENV
 ROOT = Path(__file__).resolve().parents[1]
 HW = (32, 48)  # the tiny presets' image size: no resize, fast decoding
 FRAMES = 12  # DL3DV's smallest context gap is 10 frames: 11 is the fewest a scene may have
+ENTRY_POINTS = {"train": train_main, "evaluate": evaluate_main}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -181,7 +190,7 @@ def test_training_logs_and_replaces_each_damaged_dl3dv_scene(dl3dv, caplog):
         assert reason in logged, damage
 
 
-def test_evaluation_stops_at_a_damaged_scene_naming_it(dl3dv):
+def test_an_evaluation_scene_that_cannot_be_read_raises_naming_its_file(dl3dv):
     root, damaged, _ = dl3dv
     opt = get_preset("tiny_eval").evolve(data_mode=(("dl3dv", 1),), dataset_kwargs={"root_path": str(root)})
     dataset = build_dataset(opt, "eval")
@@ -265,6 +274,47 @@ def test_evaluation_json_naming_an_absent_scene_exits_2_before_any_work(eval_roo
     assert any("not under the root (first: no_such_scene)" in p for p in problems[str(copy / "evaluation.json")])
 
 
+def fails(entry, argv: list, capsys, code: int = 2) -> str:
+    """Run a command line in this process; it must exit with `code`. What it wrote on stderr."""
+    with pytest.raises(SystemExit) as stop:
+        entry(argv)
+    assert stop.value.code == code
+    return capsys.readouterr().err
+
+
+def last_line(text: str) -> str:
+    """The message after anything a progress bar or a log wrote above it."""
+    line = text.strip().splitlines()[-1]
+    assert line.startswith("error: "), text[-2000:]
+    return line
+
+
+def evaluate_flags(eval_root, workspace: Path, *flags: str) -> list[str]:
+    root, checkpoint = eval_root
+    return ["tiny_eval", "--workspace", str(workspace), "--resume", str(checkpoint), "--dataset_kwargs", "root_path",
+            str(root), *flags]
+
+
+def test_evaluation_skips_a_scene_it_cannot_read_lists_it_and_exits_3(eval_root, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(eval_root[0], root)
+    broken = next(iter(json.loads((root / "evaluation.json").read_text())))
+    damage_truncate(root / f"{broken}.zip")
+    workspace = tmp_path / "ws"
+    argv = evaluate_flags((root, eval_root[1]), workspace)
+    err = fails(evaluate_main, argv, capsys, code=3)
+    report = json.loads((workspace / "metrics.json").read_text())
+    (skipped,) = report["skipped"]
+    assert skipped["scene"] == broken and f"{root / broken}.zip" in skipped["reason"]
+    assert report["num_scenes"] == 1 and [s["scene"] for s in report["scenes"]] != [broken]  # the other one is scored
+    assert f"{skipped['index']:5d}  {broken}: {skipped['reason']}" in (workspace / "metrics.txt").read_text()
+    assert "skipped 1 scenes that could not be read" in err and f"{broken} (index {skipped['index']})" in err
+    # --strict: the first scene it cannot read stops the run, exit 1 (the evaluation had begun)
+    line = last_line(fails(evaluate_main, evaluate_flags((root, eval_root[1]), tmp_path / "strict", "--strict"),
+                           capsys, code=1))
+    assert broken in line and f"{root / broken}.zip" in line
+
+
 def test_evaluation_json_asking_for_frames_a_scene_lacks_names_the_scene(eval_root, tmp_path):
     root, _ = eval_root
     index = json.loads((root / "evaluation.json").read_text())
@@ -289,10 +339,10 @@ def clean_root(tmp_path_factory) -> Path:
     return root
 
 
-def train_flags(root: Path, workspace: Path, *flags: str, epochs: int = 1) -> list[str]:
+def train_flags(root: Path, workspace: Path, *flags: str, epochs: int = 1, batch_size: int = 1) -> list[str]:
     """Epochs of 2 steps (3 scenes, the last held out for validation)."""
-    return ["tiny", "--workspace", str(workspace), "--dataset_kwargs", "root_path", str(root), "--batch_size", "1",
-            "--num_epochs", str(epochs), *flags]
+    return ["tiny", "--workspace", str(workspace), "--dataset_kwargs", "root_path", str(root), "--batch_size",
+            str(batch_size), "--num_epochs", str(epochs), *flags]
 
 
 @pytest.fixture(scope="module")
@@ -306,14 +356,6 @@ def trained(clean_root, tmp_path_factory) -> Path:
 
 def checkpoint_bytes(workspace: Path) -> dict:
     return {name: (workspace / name).read_bytes() for name in ws.CHECKPOINT_FILES if (workspace / name).exists()}
-
-
-def train_fails(argv: list[str], capsys, code: int = 2) -> str:
-    """Run the training command line in this process; it must exit with `code`. Its message."""
-    with pytest.raises(SystemExit) as stop:
-        train_main(argv)
-    assert stop.value.code == code
-    return capsys.readouterr().err
 
 
 def damage_truncate(path: Path) -> None:
@@ -339,20 +381,94 @@ def test_resuming_a_damaged_or_foreign_workspace_model_exits_2_and_touches_nothi
     shutil.copytree(trained, workspace)
     damage(workspace / ws.MODEL_FILE)
     before = checkpoint_bytes(workspace)
-    message = train_fails(train_flags(clean_root, workspace), capsys)
+    message = fails(train_main, train_flags(clean_root, workspace), capsys)
     assert f"checkpoint {workspace / ws.MODEL_FILE} {says}" in message
     assert checkpoint_bytes(workspace) == before, "a failed resume changed the workspace's files"
 
 
 @pytest.mark.parametrize("damage", [damage_truncate, damage_empty])
-def test_resume_flag_naming_a_damaged_checkpoint_exits_2_naming_it(clean_root, trained, tmp_path, capsys, damage):
+def test_resume_flag_naming_a_damaged_checkpoint_is_listed_with_the_other_start_up_problems(trained, tmp_path,
+                                                                                           capsys, damage):
     checkpoint = tmp_path / "weights.safetensors"
     shutil.copy(trained / ws.MODEL_FILE, checkpoint)
     damage(checkpoint)
-    message = train_fails(train_flags(clean_root, tmp_path / "ws", "--resume", str(checkpoint)), capsys)
-    assert str(checkpoint) in message and ("not a readable safetensors file" in message or "is empty" in message)
-    assert not (tmp_path / "ws" / ws.MODEL_FILE).exists()
-    assert not (tmp_path / "ws" / ws.METADATA_FILE).exists()
+    missing_root = tmp_path / "no_data"
+    message = fails(train_main, train_flags(missing_root, tmp_path / "ws", "--resume", str(checkpoint)), capsys)
+    assert "2 problem(s)" in message and f"root {missing_root} does not exist" in message
+    assert f"--resume: checkpoint {checkpoint}" in message
+    assert "not a readable safetensors file" in message or "is empty" in message
+    assert not (tmp_path / "ws").exists()
+
+
+# (the checkpoint's preset and changes, the new run's preset and changes, whether it may start from it)
+FINETUNES = [
+    (("tiny_latent", {}), ("tiny", {}), False),  # another architecture
+    (("tiny", {"enc_depth": 1}), ("tiny", {}), False),  # the model's second block would start fresh
+    (("tiny", {"num_gs_tokens": 32}), ("tiny", {}), False),  # tokens of another count, no rule to resize them
+    (("tiny", {"num_gs_tokens": 32}), ("tiny", {"init_tokens_from_existing": True}), True),
+    # the release's dynamic finetune: resized latents; dynamic tokens and time embeddings added
+    (("tiny_latent", {"num_latents": 8}), ("tiny_kubric_dyn", {"init_latents_from_existing": True}), True),
+]
+
+
+@pytest.mark.parametrize("source, target, accepted", FINETUNES)
+def test_a_run_starts_from_another_presets_checkpoint_only_when_every_weight_has_a_place(tmp_path, source, target,
+                                                                                        accepted):
+    checkpoint = tmp_path / "weights.safetensors"
+    save_model(TokenGS(get_preset(source[0]).evolve(**source[1])), checkpoint)
+    problems = checkpoint_file_problems(checkpoint, "--resume", get_preset(target[0]).evolve(**target[1]),
+                                        strict=False)
+    assert (problems == []) == accepted, problems
+
+
+def test_a_validation_scene_that_cannot_be_read_is_dropped_and_none_left_stops_at_start_up(tmp_path, capsys,
+                                                                                            caplog):
+    root = tmp_path / "root"
+    generate("dl3dv", root, 4, seed=3, frames=FRAMES, height=HW[0], width=HW[1])
+    broken = sorted((root / "1K").glob("*.zip"))[-1]  # held out for validation at every batch size
+    damage_truncate(broken)
+    workspace = tmp_path / "ws"
+    with caplog.at_level(logging.WARNING, logger="tokengs.train"):
+        train_main(train_flags(root, workspace, batch_size=2))  # 2 scenes to train on, 2 to validate on
+    (dropped,) = [r.getMessage() for r in caplog.records if "dropping a validation scene" in r.getMessage()]
+    assert f"scene {broken.stem} failed to load: {broken}" in dropped
+    assert (workspace / ws.COMPLETE_FILE).exists() and (workspace / "val" / "epoch_0001.png").is_file()
+    line = last_line(fails(train_main, train_flags(root, tmp_path / "ws1"), capsys))  # batch 1: the broken one alone
+    assert "none of the 1 validation scenes (the last batch_size of each dataset) loads; the first: " in line
+    assert str(broken) in line
+
+
+def test_resume_flag_naming_another_presets_checkpoint_exits_2_at_start_up(clean_root, tmp_path, capsys):
+    checkpoint = tmp_path / "latent.safetensors"
+    save_model(TokenGS(get_preset("tiny_latent")), checkpoint)
+    message = fails(train_main, train_flags(clean_root, tmp_path / "ws", "--resume", str(checkpoint)), capsys)
+    assert f"--resume: checkpoint {checkpoint} does not fit this model (finetuning); it probably belongs to preset " \
+           "'tiny_latent'" in message
+    assert not (tmp_path / "ws").exists()
+
+
+# (the workspace's file, what is written into it, what the one line says)
+GARBAGE = [
+    (ws.METADATA_FILE, b"{", "is damaged (JSONDecodeError: "),
+    (ws.METADATA_FILE, b"[]", "is damaged (TypeError: a list, not the mapping"),
+    (ws.METADATA_FILE, b'{"step": "two", "epoch": 1, "batch_in_epoch": 0}', "is damaged (ValueError: step is 'two'"),
+    (ws.OPTIMIZER_FILE, b"garbage", "is damaged (UnpicklingError: "),
+    (ws.SCHEDULER_FILE, b"", "is damaged (EOFError: "),
+    (ws.PENDING_FILE, b"garbage", "is damaged (JSONDecodeError: "),
+    (ws.CONFIG_FILE, b"lr: [", "is not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("name, garbage, says", GARBAGE, ids=[f"{n}-{g[:6]!r}" for n, g, _ in GARBAGE])
+def test_garbage_in_a_workspace_file_exits_2_with_one_line_naming_it(clean_root, trained, tmp_path, capsys, name,
+                                                                     garbage, says):
+    workspace = tmp_path / "ws"
+    shutil.copytree(trained, workspace)
+    (workspace / name).write_bytes(garbage)
+    before = checkpoint_bytes(workspace)
+    message = fails(train_main, train_flags(clean_root, workspace), capsys)
+    assert "Traceback" not in message and f"{workspace / name}" in message and says in message, message
+    assert checkpoint_bytes(workspace) == before and (workspace / name).read_bytes() == garbage
 
 
 def test_missing_optimizer_file_on_resume_exits_2_before_training(clean_root, trained, tmp_path, capsys):
@@ -360,47 +476,198 @@ def test_missing_optimizer_file_on_resume_exits_2_before_training(clean_root, tr
     shutil.copytree(trained, workspace)
     (workspace / ws.OPTIMIZER_FILE).unlink()
     before = checkpoint_bytes(workspace)
-    message = train_fails(train_flags(clean_root, workspace), capsys)
+    message = fails(train_main, train_flags(clean_root, workspace), capsys)
     assert f"workspace {workspace} holds metadata.json but not optimizer.pth" in message
     assert f"--resume {workspace / ws.MODEL_FILE}" in message  # how to keep the weights
     assert checkpoint_bytes(workspace) == before
 
 
 # ---------------------------------------------------------------------------------------------
-# A full disk mid-run: a clear error, and the last good checkpoint resumes
+# One writer per workspace: a second run refuses naming the holder; a killed holder's lock is taken over
 # ---------------------------------------------------------------------------------------------
 
-def test_disk_full_while_saving_stops_with_a_clear_error_and_the_last_checkpoint_resumes(clean_root, tmp_path,
-                                                                                        monkeypatch, capsys, caplog):
-    import safetensors.torch
+def wait_for_lock(process: subprocess.Popen, workspace: Path) -> None:
+    deadline = time.monotonic() + 120
+    while ws._read_holder(workspace / ws.LOCK_FILE) is None:  # written whole right after the file is created
+        assert process.poll() is None, "the run ended before it locked its workspace"
+        assert time.monotonic() < deadline, "no lock within the time limit"
+        time.sleep(0.01)
 
+
+def test_a_second_run_on_a_locked_workspace_refuses_naming_the_holder_and_a_killed_holders_lock_is_taken_over(
+        clean_root, eval_root, tmp_path, capsys, caplog):
     workspace = tmp_path / "ws"
+    argv = train_flags(clean_root, workspace)
+    holder = subprocess.Popen([sys.executable, "-m", "tokengs.train", *argv], cwd=ROOT, env=ONE_THREAD_ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_lock(holder, workspace)
+        os.kill(holder.pid, signal.SIGSTOP)  # frozen while it holds the lock, wherever it was
+        lock = json.loads((workspace / ws.LOCK_FILE).read_text())
+        assert lock["pid"] == holder.pid and lock["host"] == socket.gethostname()
+        holder_said = f"in use by process {holder.pid} on {socket.gethostname()} (since {lock['started']})"
+        second = subprocess.run([sys.executable, "-m", "tokengs.train", *argv], cwd=ROOT, env=ONE_THREAD_ENV,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and holder_said in last_line(second.stderr), second.stderr[-2000:]
+        assert holder_said in last_line(fails(evaluate_main, evaluate_flags(eval_root, workspace), capsys))
+    finally:
+        holder.kill()  # SIGKILL, stopped or not: no clean-up; the kernel lets go of its flock
+        holder.wait(timeout=60)
+    with caplog.at_level(logging.WARNING, logger="tokengs.workspace"):
+        train_main(argv)
+    assert f"taking over the lock {workspace / ws.LOCK_FILE} of process {holder.pid}" in caplog.text
+    assert (workspace / ws.COMPLETE_FILE).exists() and not (workspace / ws.LOCK_FILE).exists()
+
+
+def test_a_lock_of_another_host_is_never_taken_over(clean_root, tmp_path, capsys):
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    lock = workspace / ws.LOCK_FILE
+    lock.write_text(json.dumps({"host": "node-elsewhere", "pid": os.getpid(), "started": "yesterday"}))
+    line = last_line(fails(train_main, train_flags(clean_root, workspace), capsys))
+    assert "in use by process" in line and "on node-elsewhere" in line and f"delete {lock} and run again" in line
+    assert [p.name for p in workspace.iterdir()] == [ws.LOCK_FILE] and "node-elsewhere" in lock.read_text()
+
+
+def test_an_empty_lock_file_left_by_a_killed_run_is_taken_over(clean_root, trained, tmp_path, caplog):
+    workspace = tmp_path / "ws"
+    shutil.copytree(trained, workspace)
+    (workspace / ws.LOCK_FILE).write_bytes(b"")  # killed between creating its lock file and writing it
+    with caplog.at_level(logging.WARNING, logger="tokengs.workspace"):
+        train_main(train_flags(clean_root, workspace))
+    assert "of an unknown process (the lock file is empty or unreadable)" in caplog.text
+    assert (workspace / ws.COMPLETE_FILE).exists() and not (workspace / ws.LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a workspace cannot be: through a file, on a read-only or full disk
+# ---------------------------------------------------------------------------------------------
+
+def workspace_command(entry: str, workspace: Path, clean_root: Path, eval_root) -> list[str]:
+    return train_flags(clean_root, workspace) if entry == "train" else evaluate_flags(eval_root, workspace)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("where, says", [(".", "is an existing file, not a folder; choose another --workspace"),
+                                         ("ws", ": Not a directory; part of the path is a file")])
+def test_a_workspace_path_through_an_existing_file_exits_2_with_one_line(clean_root, eval_root, tmp_path, capsys,
+                                                                         entry, where, says):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    workspace = existing / where if where != "." else existing
+    line = last_line(fails(ENTRY_POINTS[entry], workspace_command(entry, workspace, clean_root, eval_root), capsys))
+    assert str(workspace) in line and says in line, line
+    assert existing.read_text() == "mine"
+
+
+def test_the_demos_output_path_through_an_existing_file_exits_2_with_one_line(tmp_path, capsys):
+    from tokengs.demo import main as demo_main
+
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    line = last_line(fails(demo_main, ["--out", str(existing), "--data", str(tmp_path / "data")], capsys))
+    assert line == f"error: {existing}: File exists; a file stands where a folder belongs: move it or choose " \
+                   "another path"
+
+
+def mount_tmpfs(folder: Path, options: str) -> None:
+    """A tmpfs at `folder` (unmounted at the end of the test by `unmount_at_exit`); skips where it cannot."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs the tests as root)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def unmount_at_exit():
+    mounted = []
+    yield mounted.append
+    for folder in mounted:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, unmount_at_exit) -> Path:
+    """A folder this process may not write in: a read-only tmpfs as root (root ignores modes), mode 555 else."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        mount_tmpfs(folder, "ro,size=64k")
+        unmount_at_exit(folder)
+    else:
+        folder.chmod(0o555)
+    return folder
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_read_only_workspace_exits_2_with_one_line(clean_root, eval_root, read_only_folder, capsys, entry):
+    line = last_line(fails(ENTRY_POINTS[entry], workspace_command(entry, read_only_folder, clean_root, eval_root),
+                           capsys))
+    assert f"{read_only_folder / ws.LOCK_FILE}: " in line
+    assert "Read-only file system; choose a path on a writable file system" in line or "Permission denied" in line
+
+
+@pytest.fixture
+def small_disk(tmp_path, unmount_at_exit) -> Path:
+    """A real 8 MiB tmpfs."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount_tmpfs(disk, "size=8m")
+    unmount_at_exit(disk)
+    return disk
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Take all the free space of `disk` but `leave` bytes (rounded to its blocks) with one file; that file."""
+    stats = os.statvfs(disk)
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, stats.f_bavail * stats.f_frsize - leave)
+    return filler
+
+
+# which writer meets the full disk: safetensors' (the model, written first) when none is left; torch.save's (the
+# optimizer, next) when room for the model is left
+@pytest.mark.parametrize("writer, room_for_the_model, raised", [("safetensors", False, "SafetensorError"),
+                                                                 ("torch.save", True, "RuntimeError: [enforce fail")])
+def test_a_full_disk_while_saving_stops_with_one_line_and_the_last_checkpoint_resumes(
+        clean_root, small_disk, monkeypatch, capsys, caplog, writer, room_for_the_model, raised):
+    workspace = small_disk / "ws"
     argv = train_flags(clean_root, workspace, "--save_every_steps", "1", epochs=2)  # 4 steps
-    real_save_file, saves = safetensors.torch.save_file, []
+    real_save = Trainer.save
 
-    def disk_full_after_the_first_save(tensors, filename, metadata=None):
-        # the file layer the checkpoint's weights are written through: the second save finds the disk full
-        saves.append(filename)
-        if len(saves) == 1:
-            return real_save_file(tensors, filename, metadata=metadata)
-        Path(filename).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+    def save_then_fill_the_disk(trainer):
+        real_save(trainer)
+        if trainer.global_step == 1:
+            fill(small_disk, (workspace / ws.MODEL_FILE).stat().st_size + 2**18 if room_for_the_model else 0)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_after_the_first_save)
-    message = train_fails(argv, capsys, code=1).splitlines()[-1]  # the line after the progress bar
-    assert len(saves) == 2 and message.startswith("error: ")
-    assert f"cannot write the checkpoint of step 2 to {workspace}" in message and "No space left on device" in message
-    assert "the checkpoint of step 1 is intact" in message
+    monkeypatch.setattr(Trainer, "save", save_then_fill_the_disk)
+    err = fails(train_main, [*argv, "--debug"], capsys, code=1)
+    assert raised in err  # --debug shows the writer's own error, and torch's is not an OSError
+    line = last_line(err)
+    assert f"cannot write the checkpoint of step 2 to {workspace} (No space left on device)" in line
+    assert "the checkpoint of step 1 is intact" in line
     assert sorted(p.name for p in workspace.iterdir() if p.is_file()) == sorted(ws.CHECKPOINT_FILES +
                                                                                 (ws.CONFIG_FILE,))
     assert ws.read_metadata(workspace)["step"] == 1
     load_model_checkpoint(TokenGS(get_preset("tiny")), workspace / ws.MODEL_FILE, strict=True)
 
-    monkeypatch.undo()  # space freed: the same command resumes at step 1 and finishes
+    monkeypatch.undo()
+    (small_disk / "filler").unlink()  # space freed: the same command resumes at step 1 and finishes
     with caplog.at_level(logging.INFO, logger="tokengs.train"):
         train_main(argv)
     assert f"resuming {workspace} at step 1 " in caplog.text
     assert (workspace / ws.COMPLETE_FILE).exists() and ws.read_metadata(workspace)["step"] == 4
+
+
+def test_a_full_disk_at_start_up_exits_2_with_one_line_naming_the_file(clean_root, small_disk, capsys):
+    fill(small_disk)
+    workspace = small_disk / "ws"
+    line = last_line(fails(train_main, train_flags(clean_root, workspace), capsys))
+    assert f"{workspace / ws.LOCK_FILE}: No space left on device; free space there" in line
+    assert not workspace.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,18 +780,20 @@ def test_an_all_transparent_prediction_scores_as_its_background():
 # Command lines: one line saying what to fix, exit 2, before any data is read
 # ---------------------------------------------------------------------------------------------
 
-ENTRY_POINTS = {"train": train_main, "evaluate": evaluate_main}
 # (arguments after the preset, what the message must say); test_options.py checks parse_options alone
 MISTAKES = [
     (["tiny_evl"], "unknown preset 'tiny_evl' (did you mean tiny_eval"),
     (["--lrr", "0.1"], "unknown flag --lrr; did you mean --lr?"),
     (["--lr", "abc"], "--lr: could not convert string to float: 'abc'"),
     (["--deferred_bp", "--mean_of_grads", "per-view"], "deferred_bp and mean_of_grads both change backpropagation"),
+    (["--batch_size", "0"], "batch_size=0 is out of range: it must be an integer >= 1; set --batch_size"),
+    (["--lr", "nan"], "lr=nan is out of range: it must be a finite number > 0; set --lr"),
+    (["--num_epochs", "0"], "num_epochs=0 is out of range"),  # no run of 0 steps marked COMPLETE
 ]
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize("args, says", MISTAKES, ids=["preset", "flag", "type", "conflict"])
+@pytest.mark.parametrize("args, says", MISTAKES, ids=["preset", "flag", "type", "conflict", "batch", "lr", "epochs"])
 def test_command_line_mistakes_exit_2_with_one_line_before_any_data(entry, args, says, tmp_path, capsys):
     missing_root = tmp_path / "no_data_here"  # were the data read first, this would be the complaint
     workspace = tmp_path / "ws"
@@ -544,3 +813,70 @@ def test_real_command_line_with_a_wrong_type_exits_2_with_one_line(module, tmp_p
                           env=ONE_THREAD_ENV)
     (line,) = done.stderr.strip().splitlines()
     assert done.returncode == 2 and line.startswith("error: ") and "--lr" in line and "no_data_here" not in line
+
+
+def raising(error: BaseException, after_start: bool):
+    """A command's main that raises `error` during start-up or after its work has begun."""
+    def main(argv):
+        assert "--debug" not in argv  # the wrapper's own flag
+        if after_start:
+            work_started()
+        raise error
+    return main
+
+
+def worker_error(error: Exception) -> Exception:
+    """`error` as it reaches the main process from a DataLoader worker: its traceback in the message."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        raise error
+    except Exception:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    try:
+        wrapper.reraise()
+    except Exception as reraised:
+        return reraised
+
+
+# every error class that options, data, checkpoints, workspaces and the file system raise -> what the line says
+USER_ERRORS = [
+    (OptionsError("lr=0 is out of range"), "lr=0 is out of range"),
+    (ws.WorkspaceError("workspace W is an existing file"), "workspace W is an existing file"),
+    (ws.WorkspaceBusy("workspace W is in use by process 7"), "workspace W is in use by process 7"),
+    (CheckpointError("checkpoint C is empty (0 bytes)"), "checkpoint C is empty (0 bytes)"),
+    (DataLoadError("eval: scene S failed to load: S.zip: truncated"), "eval: scene S failed to load"),
+    (worker_error(DataLoadError("50 scenes in a row failed to load")), "50 scenes in a row failed to load"),
+    (SceneError("S.zip", "no frames"), "S.zip: no frames"),
+    (SceneFileError("X.cameras.json is not valid JSON"), "X.cameras.json is not valid JSON"),
+    (NonFiniteError("20 steps in a row had a NaN/Inf loss"), "20 steps in a row had a NaN/Inf loss"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/d/x"), "/d/x: No such file or directory; check"),
+    (PermissionError(errno.EACCES, "Permission denied", "/d/x"), "/d/x: Permission denied; this user may not"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/d/x"), "/d/x: Is a directory; a folder stands where"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/f/x"), "/f/x: Not a directory; part of the path is"),
+    (FileExistsError(errno.EEXIST, "File exists", "/f"), "/f: File exists; a file stands where a folder belongs"),
+    (OSError(errno.EROFS, "Read-only file system", "/r/x"), "/r/x: Read-only file system; choose a path on a"),
+    (OSError(errno.ENOSPC, "No space left on device", "/d/x"), "/d/x: No space left on device; free space there"),
+    # how safetensors' writer reports a full disk (torch.save's: the real-disk test above)
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+     "No space left on device; free space there"),
+]
+
+
+@pytest.mark.parametrize("after_start, code", [(False, 2), (True, 1)], ids=["start-up", "later"])
+@pytest.mark.parametrize("error, says", USER_ERRORS, ids=[type(e).__name__ for e, _ in USER_ERRORS])
+def test_a_users_or_the_environments_error_is_one_line_exit_2_at_start_up_1_later(capsys, error, says, after_start,
+                                                                                   code):
+    (line,) = fails(lambda argv: run_main(raising(error, after_start), argv), [], capsys, code).strip().splitlines()
+    assert line.startswith(f"error: {says}"), line
+
+
+def test_debug_shows_the_traceback_and_a_bug_keeps_it(capsys, monkeypatch):
+    for argv, env in ((["--debug"], None), ([], "1")):
+        if env:
+            monkeypatch.setenv("TOKENGS_DEBUG", env)
+        err = fails(lambda args: run_main(raising(OptionsError("lr=0 is out of range"), False), args), argv, capsys)
+        assert err.startswith("Traceback (most recent call last)")
+        assert err.strip().endswith("error: lr=0 is out of range")
+    with pytest.raises(ZeroDivisionError):  # a bug: not ours to explain
+        run_main(raising(ZeroDivisionError("division by zero"), False), [])

@@ -4,11 +4,12 @@ import dataclasses
 import importlib
 import json
 import re
+import typing
 
 import pytest
 
 from tokengs.cli import parse_options
-from tokengs.options import Options, OptionsError, config_defaults, config_doc
+from tokengs.options import DOMAINS, Options, OptionsError, config_defaults, config_doc, option_type_hints
 from conftest import SHARED, shared_file
 
 PRESETS_JSON = SHARED / "presets.json"
@@ -83,6 +84,22 @@ BAD = [
     (dict(evaluating=True, use_input_supervision=True), "use_input_supervision"),
     (dict(render_tile_size=64), "render_tile_size"),
     (dict(model_type="lvsm"), "model_type"),
+    (dict(batch_size=0), "batch_size=0 is out of range: it must be an integer >= 1"),
+    (dict(batch_size=-2), "batch_size"),
+    (dict(num_epochs=0), "num_epochs"),  # a run of 0 steps would be marked COMPLETE with no checkpoint
+    (dict(lr=0.0), "lr=0.0 is out of range: it must be a finite number > 0"),
+    (dict(lr=-1e-4), "lr"),
+    (dict(lr=float("nan")), "lr=nan"),
+    (dict(ttt_lr=float("inf")), "ttt_lr"),
+    (dict(print_freq=0), "print_freq"),
+    (dict(seed=-1), "seed"),
+    (dict(znear=1.0, zfar=0.5), "zfar=0.5 must lie beyond znear=1.0"),
+    (dict(pointmap_trim_lo=0.9, pointmap_trim_hi=0.1), "pointmap_trim_lo"),
+    (dict(num_views=2, num_input_views=3, use_input_supervision=True), "num_input_views=3 exceeds num_views=2"),
+    (dict(enc_num_heads=5), "enc_embed_dim=1024 is not divisible by enc_num_heads=5"),
+    (dict(time_embedding_dim=3), "time_embedding_dim"),
+    (dict(img_size=(256,)), "img_size"),
+    (dict(data_mode=(("dl3dv", 0),)), "data_mode"),
 ]
 
 
@@ -92,6 +109,30 @@ def test_validation_on_construction_and_evolve(changes, field):
         Options(**changes)
     with pytest.raises(OptionsError, match=field):
         Options().evolve(**changes)
+
+
+def numeric_fields() -> list[str]:
+    numbers = {int, float, typing.Optional[int], typing.Optional[float]}
+    return [name for name, hint in option_type_hints().items() if hint in numbers]
+
+
+def test_every_numeric_option_has_a_domain_that_refuses_non_finite_and_negative_values():
+    assert set(numeric_fields()) == set(DOMAINS)
+    for name in numeric_fields():
+        hint = option_type_hints()[name]
+        bad = (-1,) if hint in (int, typing.Optional[int]) else (float("nan"), float("inf"), -float("inf"))
+        if name in ("opacity_bias", "gaussian_z_offset"):  # any finite value
+            bad = bad[:2] if bad != (-1,) else ()
+        for value in bad:
+            with pytest.raises(OptionsError, match=f"{name}="):
+                Options().evolve(**{name: value})
+
+
+def test_config_file_values_of_the_wrong_kind_name_the_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("img_size: abc\n")
+    with pytest.raises(OptionsError, match=str(path)):
+        Options.load_yaml(path)
 
 
 def test_validation_allows_the_boundaries():

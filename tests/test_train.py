@@ -409,7 +409,7 @@ def test_resume_from_a_missing_file_exits_2_naming_it(data_root, tmp_path, capsy
     missing = tmp_path / "missing.safetensors"
     message = cli_failure(["tiny", "--workspace", str(tmp_path / "ws"), "--dataset_kwargs", "root_path",
                            str(data_root), "--resume", str(missing)], capsys)
-    assert f"--resume {missing}: no such file" in message
+    assert f"--resume: checkpoint {missing} does not exist" in message
     assert not (tmp_path / "ws").exists(), "a failed start-up check must not create the workspace"
 
 

@@ -1,10 +1,17 @@
-"""Command-line parsing shared by `tokengs.train` and `tokengs.evaluate`.
+"""The command lines: parsing shared by `tokengs.train` and `tokengs.evaluate`, and the one rule
+for errors that every entry point follows (`entry_point`).
 
 `PRESET [--field value ...]` (tyro subcommands over the presets) or `--config W/config.yaml
 [--field value ...]` (a training workspace's options); `--help` lists both ways and the presets,
 `PRESET --help` every option with its doc and the preset's value. Boolean fields
 take the release's flag form (`--use_ttt_for_eval`, `--no-random_reflect`) and also an
 explicit `--field True|False`. Every mistake ends in one line saying what to fix, exit code 2.
+
+Errors: a command's `main(argv=None)` decorated with `@entry_point` turns a user's mistake or the
+environment's fault (our error classes, the operating system's errors, a full disk however torch or
+safetensors reports it) into one line naming the path or option and the fix: exit 2 during
+start-up, 1 once the work has begun (`work_started`). `--debug` (or TOKENGS_DEBUG=1) prints the
+traceback too. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,14 +19,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
+import functools
 import io
+import os
+import re
 import sys
 import textwrap
+import traceback
 import typing
 from types import MappingProxyType
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 from tokengs.options import Options, OptionsError, config_defaults, config_doc
+from tokengs.workspace import WorkspaceError, disk_fault
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Options)}
 _BOOL_FIELDS = {name for name, hint in typing.get_type_hints(Options).items() if hint is bool}
@@ -96,7 +109,7 @@ def _entries(docs: Mapping[str, str], width: int = 100) -> str:
 
 def _overview(prog: str, extra_flags: Mapping[str, str]) -> str:
     """`PROG --help`: how options are chosen, the presets, and the flags besides the options'."""
-    flags = {"--config FILE": _CONFIG_HELP, **extra_flags,
+    flags = {"--config FILE": _CONFIG_HELP, **extra_flags, DEBUG_FLAG: DEBUG_HELP,
              "-h, --help": "Show this help; after PRESET or --config FILE, every option."}
     return (f"usage: {prog} (PRESET | --config FILE) [--OPTION VALUE ...]\n\n"
             + textwrap.fill("The options start from a preset's values or from a training workspace's config.yaml; "
@@ -117,11 +130,13 @@ def _check_flags(args: Sequence[str]) -> None:
 
 
 def parse_options(argv: Optional[Sequence[str]] = None, prog: str = "tokengs",
-                  extra_flags: Mapping[str, str] = MappingProxyType({})) -> Options:
+                  extra_flags: Mapping[str, str] = MappingProxyType({}),
+                  switches: Mapping[str, str] = MappingProxyType({})) -> Options:
     """Parse `PRESET [flags]` or `--config FILE [flags]` into a validated Options.
 
-    extra_flags: the entry point's own `--flag VALUE`s (flag -> one line of help), which it reads
-    from argv itself; they are left out of the options and listed by `--help`.
+    extra_flags: the entry point's own `--flag VALUE`s, switches its own `--flag`s (flag -> one
+    line of help each), which it reads from argv itself; they are left out of the options and
+    listed by `--help`.
     """
     import tyro
 
@@ -129,10 +144,11 @@ def parse_options(argv: Optional[Sequence[str]] = None, prog: str = "tokengs",
     if not args:
         fail(f"name a preset or --config FILE; `{prog} --help` lists the presets")
     if args[0] in ("-h", "--help"):
-        print(_overview(prog, extra_flags))
+        print(_overview(prog, {**extra_flags, **switches}))
         raise SystemExit(0)
     for flag in extra_flags:
         _pop_flag(args, flag)
+    args = [arg for arg in args if arg not in switches]
     config_path = _pop_flag(args, "--config", "the path of a config.yaml")
     if config_path is None and args and args[0] not in config_defaults and not args[0].startswith("-"):
         close = difflib.get_close_matches(args[0], config_defaults, n=3)
@@ -168,3 +184,102 @@ def _first_message(boxed: str) -> str:
             continue
         lines.append(text)
     return " ".join(lines) or boxed.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# One rule for errors
+# ---------------------------------------------------------------------------------------------
+
+DEBUG_FLAG = "--debug"
+DEBUG_HELP = "Print the Python traceback of an error too (as TOKENGS_DEBUG=1 does)."
+# Our error classes whose messages name the path or option and the fix, by module. They are looked
+# up among the modules already imported: an exception of a class never imported cannot have been
+# raised, and a command that never imports torch (the viewer) does not import it for this.
+OWN_ERRORS = {"tokengs.models.checkpoint": ("CheckpointError",), "tokengs.data.scene": ("DataLoadError", "SceneError"),
+              "tokengs.scene_files": ("SceneFileError",), "tokengs.train": ("NonFiniteError",)}
+# What to do about an operating-system error, by errno; the error itself says what happened.
+_OS_FIXES = {
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "a file stands where a folder belongs: move it or choose another path",
+    errno.ENOTDIR: "part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "a folder stands where a file belongs: choose a file",
+    errno.EACCES: "this user may not use it: change its permissions or choose another path",
+    errno.EPERM: "this user may not use it: change its permissions or choose another path",
+    errno.EROFS: "choose a path on a writable file system",
+    errno.ENOSPC: "free space there and run the same command again",
+    errno.EDQUOT: "free space (or raise the quota) and run the same command again",
+    errno.EIO: "check the disk, then run the same command again",
+}
+_WORKER_TRACEBACK = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+_started = False
+Main = TypeVar("Main", bound=Callable)
+
+
+def work_started() -> None:
+    """Mark the end of start-up (training's first step, evaluation's first scene): an error from
+    here on exits 1 (the run may have changed its files), before here 2 (nothing was done)."""
+    global _started
+    _started = True
+
+
+def entry_point(main: Optional[Main] = None, *, user_errors: tuple[type[BaseException], ...] = ()):
+    """Give a command's `main(argv=None)` the one rule for errors (see run_main). Use it bare,
+    `@entry_point`, or with the command's own error classes, `@entry_point(user_errors=(E,))`."""
+    def decorate(function: Main) -> Main:
+        @functools.wraps(function)
+        def wrapped(argv: Optional[Sequence[str]] = None):
+            return run_main(function, argv, user_errors)
+        return typing.cast(Main, wrapped)
+
+    return decorate(main) if main is not None else decorate
+
+
+def run_main(main: Callable[[list[str]], typing.Any], argv: Optional[Sequence[str]] = None,
+             user_errors: tuple[type[BaseException], ...] = ()) -> typing.Any:
+    """Call main(args) (args: argv, else sys.argv[1:], without --debug) and return what it returns.
+    A user's mistake or the environment's fault (our error classes, `user_errors`, operating-system
+    errors, a full disk in any layer) ends in one line, `error: ...`, and SystemExit(2) during
+    start-up or 1 after `work_started`; with --debug or TOKENGS_DEBUG=1 the traceback comes first.
+    Any other exception propagates with its traceback: it is a bug."""
+    global _started
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args or os.environ.get("TOKENGS_DEBUG", "") not in ("", "0")
+    _started = False
+    try:
+        return main([arg for arg in args if arg != DEBUG_FLAG])
+    except Exception as exc:
+        message = user_error_message(exc, user_errors)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        fail(message, code=1 if _started else 2)
+
+
+def user_error_message(exc: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> Optional[str]:
+    """What to tell the user about exc when it is their mistake or the environment's fault, else None."""
+    if isinstance(exc, (OptionsError, WorkspaceError, *_imported_own_errors(), *user_errors)):
+        return _without_worker_traceback(str(exc), type(exc).__name__)
+    fault = exc if isinstance(exc, OSError) and exc.errno is not None else disk_fault(exc)
+    return None if fault is None else os_error_message(fault)
+
+
+def os_error_message(exc: OSError) -> str:
+    """'PATH: what happened; what to do' for an operating-system error."""
+    where = " -> ".join(str(path) for path in (exc.filename, exc.filename2) if path is not None)
+    text = f"{where}: {exc.strerror}" if where else (exc.strerror or str(exc))
+    fix = _OS_FIXES.get(exc.errno)
+    return f"{text}; {fix}" if fix else text
+
+
+def _imported_own_errors() -> list[type]:
+    return [getattr(sys.modules[module], name) for module, names in OWN_ERRORS.items() if module in sys.modules
+            for name in names]
+
+
+def _without_worker_traceback(message: str, class_name: str) -> str:
+    """A DataLoader worker's error reaches the main process with the worker's traceback in its
+    message: keep what the error itself said (after the traceback's last `...ClassName: `)."""
+    if not _WORKER_TRACEBACK.match(message):
+        return message
+    return message.rsplit(f"{class_name}: ", 1)[-1].strip()

@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from tokengs.cli import DEBUG_FLAG, DEBUG_HELP, entry_point
 from tokengs.options import Options, get_preset
 
 log = logging.getLogger("tokengs.demo")
@@ -176,8 +177,13 @@ class PhaseTimes:
     that resumes adds to what the interrupted one spent); kept in a JSON file."""
 
     def __init__(self, path: Path):
+        from tokengs import workspace as ws
+
         self.path = path
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self.seconds: dict[str, float] = {}
+        if path.is_file():
+            with ws.reading(path, "delete it (it only sums the time of the demo's phases)"):
+                self.seconds = {name: float(seconds) for name, seconds in json.loads(path.read_text()).items()}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -275,7 +281,9 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+@entry_point
+def main(argv: Sequence[str]) -> None:
+    """`python -m tokengs.demo`: errors follow `tokengs.cli.entry_point`'s rule."""
     from tokengs.threads import configure_cpu_threads
 
     parser = argparse.ArgumentParser(prog="python -m tokengs.demo", description=__doc__.split("\n\n")[0])
@@ -287,6 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long run of every step (tests)")
     parser.add_argument("--train_scenes", type=int, default=48)
     parser.add_argument("--eval_scenes", type=int, default=6)
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)  # read by entry_point; listed here
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     checkpoint = None if args.checkpoint.lower() == "none" else Path(args.checkpoint)

@@ -1,10 +1,12 @@
-"""Evaluation: `python -m tokengs.evaluate PRESET --resume CKPT [--use_ttt_for_eval] ...`.
+"""Evaluation: `python -m tokengs.evaluate PRESET --resume CKPT [--use_ttt_for_eval] [--strict] ...`.
 
 Per scene: reconstruct (one encode + decode), optionally tune the tokens or scene latents on the
 context views (tokengs.ttt), render the targets in chunks, and score them. Scenes are split across
-processes and gathered so that each counts exactly once. Writes W/metrics.txt and W/metrics.json,
-and media for the first eval_n_media_dumps scenes (`dump_media`); ends printing the mean scores
-and the reports' paths.
+processes and gathered so that each counts exactly once. A scene that cannot be read is skipped
+(with --strict, the run stops there) and listed with its reason. Writes W/metrics.txt and
+W/metrics.json, and media for the first eval_n_media_dumps scenes (`dump_media`); ends printing
+the mean scores, the skipped scenes and the reports' paths. Exit status 0, or 3 when a scene was
+skipped (other errors: `tokengs.cli.entry_point`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from tokengs import workspace as ws
-from tokengs.cli import fail, flag_value, parse_options
-from tokengs.options import Options, OptionsError
+from tokengs.cli import entry_point, flag_value, parse_options, work_started
+from tokengs.options import Options
 
 if TYPE_CHECKING:
     from tokengs.data.types import Batch
@@ -28,15 +30,22 @@ if TYPE_CHECKING:
 
 QUALITY = ("psnr", "ssim", "lpips")
 TIMING = ("reconstruction_ms", "ttt_ms")
+STRICT_FLAG = "--strict"
+STRICT_HELP = "Stop at the first scene that cannot be read (exit status 1) instead of skipping it (3)."
+SKIPPED_EXIT = 3  # the run finished, but without every scene
+
+log = logging.getLogger("tokengs.evaluate")
 
 
 @dataclass
 class SceneResult:
-    """One scene's scores: index in the eval dataset, name, and metric name -> value (those computed)."""
+    """One scene's scores: index in the eval dataset, name, and metric name -> value (those
+    computed); or, for a scene that could not be read, why (`skipped`) and no scores."""
 
     index: int
     scene: str
     metrics: dict[str, float] = field(default_factory=dict)
+    skipped: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +106,7 @@ def score_views(opt: Options, pred: torch.Tensor, gt: torch.Tensor, mask: Option
 
 
 def summarize(results: Sequence[SceneResult]) -> dict[str, dict[str, float]]:
-    """mean, std (population), min, max and count of every metric over scenes."""
+    """mean, std (population), min, max and count of every metric over the scored scenes."""
     summary = {}
     names = [n for n in QUALITY + TIMING if any(n in r.metrics for r in results)]
     for name in names:
@@ -108,11 +117,14 @@ def summarize(results: Sequence[SceneResult]) -> dict[str, dict[str, float]]:
 
 
 def write_reports(workspace: Path, opt: Options, results: Sequence[SceneResult], checkpoint: Path) -> None:
-    results = sorted(results, key=lambda r: r.index)
+    skipped = sorted((r for r in results if r.skipped is not None), key=lambda r: r.index)
+    results = sorted((r for r in results if r.skipped is None), key=lambda r: r.index)
     summary = summarize(results)
     not_computed = [m for m in QUALITY if m not in opt.eval_metrics]
     tuning = f"{opt.resolved_ttt_mode} ({opt.ttt_n_steps} steps, lr {opt.ttt_lr})" if opt.use_ttt_for_eval else "off"
     lines = [f"# tokengs evaluation: {len(results)} scenes, checkpoint {checkpoint}", f"# test-time tuning: {tuning}"]
+    if skipped:
+        lines.append(f"# skipped {len(skipped)} scenes that could not be read (listed at the end)")
     for name in QUALITY + TIMING:
         if name in summary:
             s = summary[name]
@@ -124,10 +136,13 @@ def write_reports(workspace: Path, opt: Options, results: Sequence[SceneResult],
     for r in results:
         values = "  ".join(f"{r.metrics[c]:17.4f}" if c in r.metrics else f"{'-':>17s}" for c in columns)
         lines.append(f"{r.index:5d}  {values}  {r.scene}")
+    if skipped:
+        lines += ["", "skipped (not scored):"] + [f"{r.index:5d}  {r.scene}: {r.skipped}" for r in skipped]
     atomic_text(workspace / "metrics.txt", "\n".join(lines) + "\n")
     report = {"checkpoint": str(checkpoint), "num_scenes": len(results), "summary": summary,
               "not_computed": not_computed, "options": opt.to_dict(),
-              "scenes": [{"index": r.index, "scene": r.scene, **r.metrics} for r in results]}
+              "scenes": [{"index": r.index, "scene": r.scene, **r.metrics} for r in results],
+              "skipped": [{"index": r.index, "scene": r.scene, "reason": r.skipped} for r in skipped]}
     atomic_text(workspace / "metrics.json", json.dumps(report, indent=1))
 
 
@@ -167,14 +182,24 @@ def dump_media(workspace: Path, tag: str, batch: Batch, packed: torch.Tensor, re
     save_scene(Gaussians.unpack(packed[0].float()), batch.context, workspace / "gaussians" / f"gaussians_{tag}.ply")
 
 
+def skipped_summary(workspace: Path) -> str:
+    """The scenes the run skipped and why, from metrics.json ('' when none)."""
+    skipped = json.loads((workspace / "metrics.json").read_text())["skipped"]
+    if not skipped:
+        return ""
+    lines = [f"  {s['scene']} (index {s['index']}): {s['reason']}" for s in skipped]
+    return "\n".join([f"skipped {len(skipped)} scenes that could not be read (not scored):", *lines, ""])
+
+
 def result_summary(workspace: Path) -> str:
     """The run's outcome for the terminal, read back from metrics.json so that it shows exactly
     what the reports hold: the mean of each quality metric over the scenes and where the reports are."""
     report = json.loads((workspace / "metrics.json").read_text())
     means = [f"{name.upper()} {report['summary'][name]['mean']:.4f}" for name in QUALITY if name in report["summary"]]
-    skipped = ", ".join(name.upper() for name in report["not_computed"])
-    skipped = f" ({skipped} not computed)" if skipped else ""
-    text = (f"evaluated {report['num_scenes']} scenes: mean {', '.join(means)}{skipped}\n"
+    not_computed = ", ".join(name.upper() for name in report["not_computed"])
+    not_computed = f" ({not_computed} not computed)" if not_computed else ""
+    mean_text = f": mean {', '.join(means)}" if means else ""  # none when every scene was skipped
+    text = (f"evaluated {report['num_scenes']} scenes{mean_text}{not_computed}\n"
             f"  per-scene scores: {workspace / 'metrics.txt'}\n"
             f"  machine-readable: {workspace / 'metrics.json'}")
     if (workspace / "gaussians").is_dir():  # dumped scenes (--eval_n_media_dumps)
@@ -191,42 +216,81 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate(opt: Options, checkpoint: Path) -> list[SceneResult]:
-    """Evaluate `checkpoint` on opt's eval dataset: this process's share of the scenes (every
-    world_size-th, no padding, so each scene counts exactly once); the main process writes the
-    reports of all of them. Returns this process's results, by scene index. A checkpoint that
-    does not fit the model raises CheckpointError (strict unless strict_checkpoint_loading is off)
-    before anything is written."""
+def evaluate(opt: Options, checkpoint: Path, strict: bool = False) -> list[SceneResult]:
+    """Evaluate `checkpoint` on opt's eval dataset: each process scores its share of the scenes
+    (every world_size-th, no padding, so each scene counts exactly once); a scene that cannot be
+    read is skipped and recorded (with `strict`, its DataLoadError ends the run); the main process
+    locks the workspace and writes the reports. Returns every scene's result, by scene index, on
+    every process. A checkpoint that does not fit the model raises CheckpointError (strict unless
+    strict_checkpoint_loading is off) before anything is written."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
-    from tqdm import tqdm
-
-    from tokengs.data import build_dataset
-    from tokengs.losses import LossComputer
-    from tokengs.metrics import build_lpips
-    from tokengs.rendering import render_chunked
-    from tokengs.startup import build_model
-    from tokengs.ttt import test_time_tune
 
     accelerator = Accelerator(mixed_precision=opt.mixed_precision if torch.cuda.is_available() else "no",
                               cpu=not torch.cuda.is_available())
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    model = build_model(opt, checkpoint).to(device).eval()
-    # one LPIPS network serves the metric and the tuning loss
-    lpips_model = build_lpips(device) if needs_lpips(opt) else None
-    loss = LossComputer(opt, device=device, lpips_model=lpips_model) if opt.use_ttt_for_eval else None
-    dataset = build_dataset(opt, "eval")
-    workspace = Path(opt.workspace)
-    if accelerator.is_main_process:
-        workspace.mkdir(parents=True, exist_ok=True)
+    with ws.claimed(opt.workspace, hold=accelerator.is_main_process):
+        scorer = SceneScorer(opt, checkpoint, accelerator)
+        work_started()
+        results = scorer.score_mine(strict)
+        gathered = sorted(gather_object(results), key=lambda r: r.index)  # every process's, on every process
+        if accelerator.is_main_process:
+            if [r.index for r in gathered] != list(range(len(scorer.dataset))):
+                raise RuntimeError(f"gathered {len(gathered)} results of {len({r.index for r in gathered})} distinct "
+                                   f"scenes; expected each of the {len(scorer.dataset)} scenes once")
+            write_reports(Path(opt.workspace), opt, gathered, checkpoint)
+        accelerator.wait_for_everyone()
+    return gathered
 
-    results: list[SceneResult] = []
-    mine = range(rank, len(dataset), world)
-    for iteration, index in enumerate(tqdm(mine, desc=f"evaluate[{rank}]", disable=not accelerator.is_main_process,
-                                           dynamic_ncols=True)):
-        batch = dataset[index].to(device)  # one scene
+
+class SceneScorer:
+    """The model, metrics and scenes of an evaluation, and the scoring of this process's share."""
+
+    def __init__(self, opt: Options, checkpoint: Path, accelerator) -> None:
+        from tokengs.data import build_dataset
+        from tokengs.losses import LossComputer
+        from tokengs.metrics import build_lpips
+        from tokengs.startup import build_model
+
+        self.opt, self.accelerator = opt, accelerator
+        self.model = build_model(opt, checkpoint).to(accelerator.device).eval()
+        # one LPIPS network serves the metric and the tuning loss
+        self.lpips_model = build_lpips(accelerator.device) if needs_lpips(opt) else None
+        self.loss = LossComputer(opt, device=accelerator.device, lpips_model=self.lpips_model) \
+            if opt.use_ttt_for_eval else None
+        self.dataset = build_dataset(opt, "eval")
+
+    def score_mine(self, strict: bool) -> list[SceneResult]:
+        """This process's scenes, scored or skipped."""
+        from tqdm import tqdm
+
+        from tokengs.data.scene import DataLoadError
+
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        results = []
+        mine = range(rank, len(self.dataset), world)
+        for iteration, index in enumerate(tqdm(mine, desc=f"evaluate[{rank}]", dynamic_ncols=True,
+                                               disable=not self.accelerator.is_main_process)):
+            try:
+                batch = self.dataset[index].to(self.accelerator.device)  # one scene
+            except DataLoadError as exc:
+                if strict:
+                    raise
+                log.warning("skipping a scene: %s", exc)
+                results.append(SceneResult(index=index, scene=self.dataset.entries[index][1].name, skipped=str(exc)))
+                continue
+            # the release's media TAG: index in the batch (one scene per batch here) - process - iteration
+            tag = f"0-{rank}-{iteration}" if iteration < self.opt.eval_n_media_dumps else None
+            results.append(self.score(index, batch, tag))
+        return results
+
+    def score(self, index: int, batch: Batch, media_tag: Optional[str]) -> SceneResult:
+        """One scene's scores (and its media, given a tag)."""
+        from tokengs.rendering import render_chunked
+        from tokengs.ttt import test_time_tune
+
+        opt, model, accelerator = self.opt, self.model, self.accelerator
+        device = accelerator.device
         result = SceneResult(index=index, scene=batch.scene_names[0])
-
         _sync(device)
         start = time.perf_counter()
         with torch.no_grad(), accelerator.autocast():
@@ -238,7 +302,7 @@ def evaluate(opt: Options, checkpoint: Path) -> list[SceneResult]:
         if opt.use_ttt_for_eval:
             start = time.perf_counter()
             with accelerator.autocast():
-                packed = test_time_tune(model, encoding, batch.context, opt, loss)
+                packed = test_time_tune(model, encoding, batch.context, opt, self.loss)
             _sync(device)
             result.metrics["ttt_ms"] = (time.perf_counter() - start) * 1e3
 
@@ -246,47 +310,41 @@ def evaluate(opt: Options, checkpoint: Path) -> list[SceneResult]:
         with torch.no_grad():
             render = render_chunked(opt, packed.float(), targets, chunk_size=opt.eval_render_chunk_size)
         mask = targets.masks[0] if bool(targets.has_mask[0].all()) else None
-        result.metrics.update(score_views(opt, render.images[0].float(), targets.images[0].float(), mask, lpips_model))
-        if iteration < opt.eval_n_media_dumps:
-            # the release's TAG: index in the batch (one scene per batch here) - process - iteration
-            dump_media(workspace, f"0-{rank}-{iteration}", batch, packed, render)
-        results.append(result)
-
-    gathered = gather_object(results)  # every process's list, concatenated (the list itself with one process)
-    if accelerator.is_main_process:
-        if sorted(r.index for r in gathered) != list(range(len(dataset))):
-            raise RuntimeError(f"gathered {len(gathered)} results of {len({r.index for r in gathered})} distinct "
-                               f"scenes; expected each of the {len(dataset)} scenes once")
-        write_reports(workspace, opt, gathered, checkpoint)
-    accelerator.wait_for_everyone()
-    return results
+        result.metrics.update(score_views(opt, render.images[0].float(), targets.images[0].float(), mask,
+                                          self.lpips_model))
+        if media_tag is not None:
+            dump_media(Path(opt.workspace), media_tag, batch, packed, render)
+        return result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+@entry_point
+def main(argv: Sequence[str]) -> None:
+    """`python -m tokengs.evaluate`: exit status 3 when a scene was skipped; other errors follow
+    `tokengs.cli.entry_point`'s rule."""
     import sys
 
     from accelerate import PartialState
 
-    from tokengs.models import CheckpointError
     from tokengs.startup import raise_problems
     from tokengs.threads import configure_cpu_threads
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = list(argv)
     config_path = flag_value(args, "--config", "the path of a config.yaml")
-    opt = parse_options(args, prog="python -m tokengs.evaluate")
+    strict = STRICT_FLAG in args
+    opt = parse_options(args, prog="python -m tokengs.evaluate", switches={STRICT_FLAG: STRICT_HELP})
     # scored on the held-out targets only: the context views are the model's input
     opt = opt.evolve(evaluating=True, use_input_supervision=False)
     from_config = config_path is not None and flag_value(args, "--resume") is None
     checkpoint = resolve_checkpoint(opt, config_path if from_config else None)
     configure_cpu_threads()
-    try:
-        raise_problems(startup_problems(opt, checkpoint, from_config), "evaluating")
-        evaluate(opt, checkpoint)
-    except (OptionsError, CheckpointError) as exc:  # the command or its files need fixing: nothing was scored
-        fail(str(exc))
+    raise_problems(startup_problems(opt, checkpoint, from_config), "evaluating")
+    results = evaluate(opt, checkpoint, strict)
     if PartialState().is_main_process:  # the state evaluate's Accelerator set up; one summary, not one per process
         print(result_summary(Path(opt.workspace)))
+        print(skipped_summary(Path(opt.workspace)), file=sys.stderr, end="")
+    if any(r.skipped for r in results):
+        raise SystemExit(SKIPPED_EXIT)
 
 
 if __name__ == "__main__":

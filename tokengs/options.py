@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 BG_COLORS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "grey": (0.5, 0.5, 0.5)}
 MEAN_OF_GRADS_MODES = ("none", "per-scene", "per-view")
@@ -291,7 +292,12 @@ class Options:
         unknown = sorted(set(values) - names)
         if unknown:
             raise OptionsError(f"{source}: unknown option(s) {', '.join(unknown)}; remove them or fix their names")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except OptionsError as exc:
+            raise OptionsError(f"{source}: {exc}") from None
+        except (TypeError, ValueError) as exc:  # a value of the wrong kind (img_size: abc)
+            raise OptionsError(f"{source}: {exc}; fix the value") from None
 
     def save_yaml(self, path: str | Path) -> None:
         import yaml
@@ -324,8 +330,85 @@ def _one_of(opt: Options, name: str, allowed) -> None:
     _require(value in allowed, f"{name}={value!r} is not known; use one of {', '.join(map(repr, allowed))}")
 
 
+@dataclass(frozen=True)
+class Domain:
+    """The values a numeric option may take: finite, from `low` (excluded when `open`) to `high`."""
+
+    low: float
+    high: float = math.inf
+    open: bool = False
+    integer: bool = False
+
+    def holds(self, value: Any) -> bool:
+        kinds = int if self.integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            return False
+        return (value > self.low if self.open else value >= self.low) and value <= self.high
+
+    def __str__(self) -> str:
+        bounds = [f"{'>' if self.open else '>='} {self._number(self.low)}"] if self.low > -math.inf else []
+        bounds += [f"<= {self._number(self.high)}"] if self.high < math.inf else []
+        return " ".join(["an integer" if self.integer else "a finite number", " and ".join(bounds)]).strip()
+
+    def _number(self, value: float) -> str:
+        return str(int(value)) if self.integer else f"{value:g}"
+
+
+_COUNT, _COUNT_OR_ZERO = Domain(1, integer=True), Domain(0, integer=True)
+_POSITIVE, _NON_NEGATIVE, _ANY = Domain(0, open=True), Domain(0), Domain(-math.inf)
+_FRACTION = Domain(0, 1)
+# Every int and float option (None, where allowed, is not checked); test_options.py checks none is missing.
+DOMAINS: Dict[str, Domain] = {
+    **dict.fromkeys(("patch_size", "dec_patch_size", "enc_depth", "dec_depth", "enc_embed_dim", "enc_num_heads",
+                     "mlp_ratio", "num_gs_tokens", "token_dim", "num_views", "num_input_views", "batch_size",
+                     "gradient_accumulation_steps", "num_epochs", "max_iters_per_epoch",
+                     "mean_of_grads_scene_chunk_size", "mean_of_grads_view_chunk_size", "print_freq", "log_image_freq",
+                     "time_embedding_dim", "num_latents", "latent_cross_attn_depth", "eval_render_chunk_size",
+                     "max_consecutive_load_failures", "max_consecutive_nonfinite_steps"), _COUNT),
+    **dict.fromkeys(("num_dynamic_gs_tokens", "num_workers", "pct_start_steps", "lambda_dyn_aux_warmup_steps",
+                     "lambda_dyn_aux_decay_steps", "eval_n_media_dumps", "ttt_n_steps", "save_every_steps"),
+                    _COUNT_OR_ZERO),
+    "seed": Domain(0, 2**32 - 1, integer=True),  # numpy's seeds
+    # gsplat runs one CUDA block of tile_size² threads per tile, at most 1024 threads
+    "render_tile_size": Domain(1, 32, integer=True),
+    **dict.fromkeys(("gaussian_scale_cap", "znear", "zfar", "lr", "final_div_factor", "ttt_lr"), _POSITIVE),
+    **dict.fromkeys(("clip_head_readout_std", "clip_head_z_init", "dec_init_values", "gs_token_std", "gradient_clip",
+                     "lambda_rgb", "lambda_lpips", "lambda_mask", "lambda_ssim", "lambda_visibility",
+                     "visibility_distance_threshold", "lambda_opacity", "lambda_dyn_aux", "lambda_dyn_aux_min"),
+                    _NON_NEGATIVE),
+    **dict.fromkeys(("pointmap_trim_lo", "pointmap_trim_hi"), _FRACTION),
+    **dict.fromkeys(("opacity_bias", "gaussian_z_offset"), _ANY),
+}
+
+
+def _check_domains(opt: Options) -> None:
+    for name, domain in DOMAINS.items():
+        value = getattr(opt, name)
+        _require(value is None or domain.holds(value), f"{name}={value!r} is out of range: it must be {domain}; "
+                                                       f"set --{name}")
+    _require(len(opt.img_size) == 2 and all(v >= 1 for v in opt.img_size),
+             f"img_size={opt.img_size} must be a height and a width of at least 1 pixel; set --img_size H W")
+    _require(bool(opt.data_mode) and all(repeat >= 1 for _, repeat in opt.data_mode),
+             f"data_mode={opt.data_mode} must name at least one dataset, each with a repeat of at least 1; "
+             "set --data_mode NAME REPEAT ...")
+    _require(opt.zfar > opt.znear, f"zfar={opt.zfar} must lie beyond znear={opt.znear}; set --zfar or --znear")
+    _require(opt.pointmap_trim_lo < opt.pointmap_trim_hi,
+             f"pointmap_trim_lo={opt.pointmap_trim_lo} must be below pointmap_trim_hi={opt.pointmap_trim_hi}")
+    _require(opt.num_input_views <= opt.num_views,
+             f"num_input_views={opt.num_input_views} exceeds num_views={opt.num_views}; set --num_views or "
+             "--num_input_views")
+    _require(opt.time_embedding_dim % 2 == 0,
+             f"time_embedding_dim={opt.time_embedding_dim} must be even (cosine and sine pairs)")
+    for dim in ("enc_embed_dim", "token_dim"):
+        _require(getattr(opt, dim) % opt.enc_num_heads == 0,
+                 f"{dim}={getattr(opt, dim)} is not divisible by enc_num_heads={opt.enc_num_heads}; "
+                 f"set --{dim} or --enc_num_heads")
+
+
 def validate(opt: Options) -> None:
-    """Raise OptionsError for a combination the framework cannot run (the foundation issue's list)."""
+    """Raise OptionsError for a value or combination the framework cannot run: every numeric option
+    outside its domain (DOMAINS), then the foundation issue's list."""
+    _check_domains(opt)
     h, w = opt.img_size
     _require(h % opt.patch_size == 0 and w % opt.patch_size == 0,
              f"img_size={opt.img_size} is not divisible by patch_size={opt.patch_size}; "
@@ -346,13 +429,8 @@ def validate(opt: Options) -> None:
     _one_of(opt, "rgb_loss_type", RGB_LOSS_TYPES)
     _one_of(opt, "render_backend", RENDER_BACKENDS)
     _one_of(opt, "mixed_precision", MIXED_PRECISIONS)
-    # gsplat runs one CUDA block of tile_size² threads per tile, at most 1024 threads
-    _require(1 <= opt.render_tile_size <= 32, f"render_tile_size is {opt.render_tile_size}; use 1 to 32 (16 or 32)")
     for metric in opt.eval_metrics:
         _require(metric in EVAL_METRICS, f"eval_metrics holds {metric!r}; use any of {', '.join(EVAL_METRICS)}")
-    for name in ("mean_of_grads_scene_chunk_size", "mean_of_grads_view_chunk_size", "eval_render_chunk_size"):
-        value = getattr(opt, name)
-        _require(value is None or value > 0, f"{name}={value} must be a positive number of scenes/views")
     if opt.use_multiscale_encoder:
         bad = [i for i in opt.multiscale_encoder_layers if not 0 <= i < opt.enc_depth]
         _require(not bad, f"multiscale_encoder_layers {bad} lie outside the encoder's {opt.enc_depth} layers "

@@ -15,15 +15,18 @@ if TYPE_CHECKING:
 PathLike = Union[str, Path]
 
 
-def model_and_data_problems(opt: Options, checkpoint: Optional[PathLike], named: str) -> list[str]:
-    """Every problem of the options' dataset roots and of the checkpoint file (missing, empty), in
-    that order; `named` says which flag set the checkpoint's path. No checkpoint: none checked."""
+def model_and_data_problems(opt: Options, checkpoint: Optional[PathLike], named: str,
+                            strict: Optional[bool] = None) -> list[str]:
+    """Every problem of the options' dataset roots and of the checkpoint (missing, empty, a header
+    that does not cover the file, names and shapes that do not fit opt's model: exactly when
+    strict, else by the finetune rule; strict None: opt.strict_checkpoint_loading), in that order;
+    `named` says which flag set the checkpoint's path. No checkpoint: none checked."""
     from tokengs.data import dataset_root_problems
     from tokengs.models.checkpoint import checkpoint_file_problems
 
     problems = list(dataset_root_problems(opt))
     if checkpoint is not None:
-        problems += checkpoint_file_problems(checkpoint, named)
+        problems += checkpoint_file_problems(checkpoint, named, opt, strict)
     return problems
 
 

@@ -16,18 +16,19 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from tokengs import workspace as ws
-from tokengs.cli import fail, parse_options
+from tokengs.cli import entry_point, parse_options, work_started
 from tokengs.options import Options, OptionsError
 from tokengs.startup import raise_problems
 
 if TYPE_CHECKING:
+    from tokengs.data.provider import SceneDataset
     from tokengs.data.types import Batch, Views
 
 log = logging.getLogger("tokengs.train")
@@ -134,19 +135,28 @@ def set_rng_state(encoded: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def startup_problems(opt: Options) -> list[str]:
+    """Every problem that would stop the run, found before any data is read: the dataset roots, and
+    the checkpoint a new run starts from (--resume, by the finetune rule) or a resumed run continues
+    (the workspace's own, exactly), its missing files and its config.yaml's disagreements with the flags."""
+    from tokengs.data import dataset_root_problems
+    from tokengs.models.checkpoint import checkpoint_file_problems
     from tokengs.startup import model_and_data_problems
 
     workspace = Path(opt.workspace)
-    resuming = (workspace / ws.METADATA_FILE).exists()
-    problems = model_and_data_problems(opt, None if resuming else opt.resume or None, "--resume")
-    if resuming:
-        missing = ws.missing_checkpoint_files(workspace)
-        if missing:
-            problems.append(f"workspace {workspace} holds metadata.json but not {', '.join(missing)}: the checkpoint "
-                            "cannot be resumed; restore the files, or start a new --workspace "
-                            f"with --resume {workspace / ws.MODEL_FILE} to keep the weights")
-        problems += config_problems(opt)
-    return problems
+    if not (workspace / ws.METADATA_FILE).exists():
+        return model_and_data_problems(opt, opt.resume or None, "--resume", strict=False)
+    problems = dataset_root_problems(opt)
+    missing = ws.missing_checkpoint_files(workspace)
+    if missing:
+        problems.append(f"workspace {workspace} holds metadata.json but not {', '.join(missing)}: the checkpoint "
+                        "cannot be resumed; restore the files, or start a new --workspace "
+                        f"with --resume {workspace / ws.MODEL_FILE} to keep the weights")
+    disagreements = config_problems(opt)
+    if ws.MODEL_FILE not in missing:
+        # against flags that disagree with the workspace's options the weights would only fail too: the file alone then
+        problems += checkpoint_file_problems(workspace / ws.MODEL_FILE, "the workspace's checkpoint",
+                                             None if disagreements else opt, strict=True)
+    return problems + disagreements
 
 
 def config_problems(opt: Options) -> list[str]:
@@ -180,6 +190,8 @@ class Trainer:
                                        cpu=not torch.cuda.is_available())
         self.workspace = Path(opt.workspace)
         self.is_main = self.accelerator.is_main_process
+        if not self.is_main:  # every process would log the same warnings; the main one speaks for all
+            logging.getLogger("tokengs").setLevel(logging.ERROR)
         self.stop_requested = False
         self.global_step = 0
         self.epoch = 0
@@ -188,7 +200,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.window_losses: list[torch.Tensor] = []  # losses of the micro-batches of the current optimizer step
         self.history: list[dict] = []
-        self.wandb_run_id: Optional[str] = None
+        self.wandb_run_id: str | None = None
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -208,7 +220,7 @@ class Trainer:
         metadata = ws.read_metadata(self.workspace)
 
         self.train_set = build_dataset(opt, "train")
-        self.val_set = build_dataset(opt, "val")
+        self.val_set = validation_scenes(build_dataset(opt, "val"))
         self.sampler = EpochSampler(len(self.train_set), opt.seed, acc.process_index, acc.num_processes)
         self.loader = DataLoader(self.train_set, batch_size=opt.batch_size, sampler=self.sampler, collate_fn=collate,
                                  num_workers=opt.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
@@ -236,20 +248,24 @@ class Trainer:
             self._init_loggers()
 
     def _resume(self, metadata: dict) -> None:
-        """The optimizer, schedule, counters and random streams of the checkpoint (its weights are in the model)."""
-        # loaded to the CPU, and load_state_dict moves each state to its parameter's device (a map_location of
-        # the process's device fails for CPU processes, which accelerate names cpu:1, cpu:2, ...)
-        self.optimizer.load_state_dict(torch.load(self.workspace / ws.OPTIMIZER_FILE, map_location="cpu",
-                                                  weights_only=False))
-        self.scheduler.load_state_dict(torch.load(self.workspace / ws.SCHEDULER_FILE, weights_only=False))
-        self.global_step = metadata["step"]
-        self.epoch = metadata["epoch"]
-        self.batch_in_epoch = metadata["batch_in_epoch"]
-        self.nonfinite_total = metadata.get("nonfinite_steps", 0)
-        self.wandb_run_id = metadata.get("wandb_run_id")
-        self.history = metadata.get("history", [])
-        if "rng_state" in metadata:
-            set_rng_state(metadata["rng_state"])
+        """The optimizer, schedule, counters and random streams of the checkpoint (its weights are in the
+        model); a file of them that does not load is named in one WorkspaceError."""
+        keep = (f"restore it, or start a new --workspace with --resume {self.workspace / ws.MODEL_FILE} to keep "
+                "the weights")
+        for name, stateful in ((ws.OPTIMIZER_FILE, self.optimizer), (ws.SCHEDULER_FILE, self.scheduler)):
+            path = self.workspace / name
+            with ws.reading(path, keep):
+                # loaded to the CPU, and load_state_dict moves each state to its parameter's device (a map_location
+                # of the process's device fails for CPU processes, which accelerate names cpu:1, cpu:2, ...)
+                stateful.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        with ws.reading(self.workspace / ws.METADATA_FILE, keep):
+            self.global_step, self.epoch, self.batch_in_epoch = (_count(metadata, key)
+                                                                 for key in ("step", "epoch", "batch_in_epoch"))
+            self.nonfinite_total = _count(metadata, "nonfinite_steps") if "nonfinite_steps" in metadata else 0
+            self.wandb_run_id = metadata.get("wandb_run_id")
+            self.history = list(metadata.get("history", []))
+            if "rng_state" in metadata:
+                set_rng_state(metadata["rng_state"])
         log.info("resuming %s at step %d (epoch %d, batch %d)", self.workspace, self.global_step, self.epoch,
                  self.batch_in_epoch)
 
@@ -282,8 +298,8 @@ class Trainer:
             try:
                 ws.save_checkpoint(self.workspace, {
                     ws.MODEL_FILE: lambda p: save_model(model, p),
-                    ws.OPTIMIZER_FILE: lambda p: torch.save(self.optimizer.state_dict(), p),
-                    ws.SCHEDULER_FILE: lambda p: torch.save(self.scheduler.state_dict(), p),
+                    ws.OPTIMIZER_FILE: torch_writer(self.optimizer.state_dict()),
+                    ws.SCHEDULER_FILE: torch_writer(self.scheduler.state_dict()),
                     ws.METADATA_FILE: lambda p: p.write_text(json.dumps(metadata)),
                 }, step=self.global_step)
             except OSError as exc:  # a full disk, a lost mount, a quota: say where, and what survived
@@ -345,8 +361,6 @@ class Trainer:
     def validate(self) -> float:
         from tokengs.media import save_image_grid
 
-        if len(self.val_set) == 0:
-            return float("nan")
         acc = self.accelerator
         self.model.eval()
         psnrs = []
@@ -368,6 +382,7 @@ class Trainer:
         saving a checkpoint at the current step (False)."""
         from tqdm import tqdm
 
+        work_started()
         bar = tqdm(total=self.opt.num_epochs * self.steps_per_epoch, initial=self.global_step,
                    disable=not self.is_main, desc="train", dynamic_ncols=True)
         try:
@@ -495,6 +510,43 @@ class Trainer:
             self.wandb.log(scalars, step=self.global_step)
 
 
+def validation_scenes(dataset: SceneDataset) -> torch.utils.data.Subset:
+    """The validation scenes of `dataset` that load; each one that does not is dropped with a
+    warning naming it. DataLoadError when none loads."""
+    from tokengs.data.scene import DataLoadError
+
+    usable, failures = [], []
+    for index in range(len(dataset)):
+        try:
+            dataset[index]
+        except DataLoadError as exc:
+            log.warning("dropping a validation scene: %s", exc)
+            failures.append(str(exc))
+        else:
+            usable.append(index)
+    if not usable:
+        raise DataLoadError(f"none of the {len(dataset)} validation scenes (the last batch_size of each dataset) "
+                            f"loads; the first: {failures[0]}. `python -m tokengs.data.check` lists every problem")
+    return torch.utils.data.Subset(dataset, usable)
+
+
+def torch_writer(state: dict) -> Callable[[Path], None]:
+    """A checkpoint writer of `state` that runs torch.save through a Python file: a full disk then
+    raises the file's OSError inside torch's error, where `ws.disk_fault` finds it (torch's own
+    file writer reports it without the errno)."""
+    def write(path: Path) -> None:
+        with open(path, "wb") as handle:
+            torch.save(state, handle)
+    return write
+
+
+def _count(metadata: dict, key: str) -> int:
+    value = metadata[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} is {value!r}, not a count")
+    return value
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM and SIGINT. SLURM sends SIGTERM to every process of the
     job, and a terminal sends Ctrl-C's SIGINT to its whole process group; a worker stopped by
@@ -517,35 +569,44 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
 
 def run(opt: Options) -> bool:
     """Train `opt` in `opt.workspace`: True when the workspace is COMPLETE, False when SIGTERM
-    stopped the run after a checkpoint. Raises OptionsError listing every problem of the setup."""
-    workspace = Path(opt.workspace)
-    if (workspace / ws.COMPLETE_FILE).exists():
-        if not opt.retrain:
-            # changed flags would otherwise pass unnoticed, as if they had trained the workspace
-            raise_problems(config_problems(opt), "running a COMPLETE workspace (--retrain trains it again)")
-            log.warning("%s is COMPLETE; nothing to do (pass --retrain to train it again)", workspace)
-            return True
-        log.warning("--retrain: training %s again from the start; its checkpoint will be replaced", workspace)
-        ws.forget_checkpoint(workspace)
-    raise_problems(startup_problems(opt), "training")
-    trainer = Trainer(opt)
-    trainer.setup()
-    return trainer.fit()
+    stopped the run after a checkpoint. Raises OptionsError listing every problem of the setup, and
+    WorkspaceBusy when another process holds the workspace (only the main process locks it: the
+    others write nothing there)."""
+    trainer = Trainer(opt)  # its Accelerator tells which process is the main one
+    try:
+        return _run(trainer)
+    finally:
+        trainer.accelerator.end_training()  # leaves the process group cleanly (NCCL warns otherwise)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def _run(trainer: "Trainer") -> bool:
+    opt = trainer.opt
+    with ws.claimed(opt.workspace, hold=trainer.is_main):
+        workspace = Path(opt.workspace)
+        if (workspace / ws.COMPLETE_FILE).exists():
+            if not opt.retrain:
+                # changed flags would otherwise pass unnoticed, as if they had trained the workspace
+                raise_problems(config_problems(opt), "running a COMPLETE workspace (--retrain trains it again)")
+                log.warning("%s is COMPLETE; nothing to do (pass --retrain to train it again)", workspace)
+                return True
+            log.warning("--retrain: training %s again from the start; its checkpoint will be replaced", workspace)
+            if trainer.is_main:
+                ws.forget_checkpoint(workspace)
+        trainer.accelerator.wait_for_everyone()  # every process reads the workspace as the main one left it
+        raise_problems(startup_problems(opt), "training")
+        trainer.setup()
+        return trainer.fit()
+
+
+@entry_point
+def main(argv: Sequence[str]) -> None:
+    """`python -m tokengs.train`: errors follow `tokengs.cli.entry_point`'s rule."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tokengs.models.checkpoint import CheckpointError
     from tokengs.threads import configure_cpu_threads
 
     opt = parse_options(argv, prog="python -m tokengs.train")
     configure_cpu_threads()
-    try:
-        run(opt)
-    except (OptionsError, CheckpointError) as exc:  # the command or its files need fixing: nothing was trained
-        fail(str(exc))
-    except ws.WorkspaceError as exc:  # the workspace failed mid-run (e.g. a full disk); its last checkpoint stands
-        fail(str(exc), code=1)
+    run(opt)
 
 
 if __name__ == "__main__":

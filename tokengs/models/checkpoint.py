@@ -5,6 +5,10 @@ mis-shaped key and naming the preset the checkpoint most likely belongs to. Tole
 (finetuning) loads what fits, logs each key it skips, and starts tokens/latents of another count
 from the checkpoint's (init_tokens_from_existing, init_latents_from_existing,
 init_dynamic_tokens_from_static).
+
+Start-up checks (`checkpoint_file_problems`) read only names and shapes (a safetensors header)
+and apply the stricter finetune rule (`finetune_mismatch`): a run starts from another preset's
+checkpoint only when every weight it holds has a place in the model.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +51,8 @@ def is_lpips_key(name: str) -> bool:
     return name.startswith("lpips")
 
 
-def normalize_state_dict(state: Mapping[str, Tensor]) -> StateDict:
-    """Strip wrapper prefixes, drop LPIPS keys."""
+def normalize_state_dict(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """Strip wrapper prefixes, drop LPIPS keys (of tensors, or of anything else keyed by weight name)."""
     out = {}
     for name, value in state.items():
         for prefix in WRAPPER_PREFIXES:
@@ -61,15 +65,54 @@ def normalize_state_dict(state: Mapping[str, Tensor]) -> StateDict:
 
 # ---- reading and writing -----------------------------------------------------------------------
 
-def checkpoint_file_problems(path: Union[str, Path], named: str) -> List[str]:
-    """A start-up check, before anything is loaded: the checkpoint file at `path` is missing or
-    empty. `named` says where the path came from (the flag that sets it)."""
-    path = Path(path)
+def checkpoint_file_problems(path: Union[str, Path], named: str, opt: Optional[Options] = None,
+                             strict: Optional[bool] = None) -> List[str]:
+    """A start-up check that loads no weights: the checkpoint at `path` is missing, empty or
+    unreadable (a safetensors header that does not cover the file), or, given `opt`, its names and
+    shapes do not fit opt's model: exactly when strict (default opt.strict_checkpoint_loading),
+    else by the finetune rule (`finetune_mismatch`). `named` is the flag that set the path."""
+    try:
+        shapes = read_shapes(path)
+    except CheckpointError as exc:
+        return [f"{named}: {exc}"]
+    if opt is None:
+        return []
+    strict = opt.strict_checkpoint_loading if strict is None else strict
+    model = preset_manifest(opt)
+    problem = strict_mismatch(shapes, model, str(path)) if strict else finetune_mismatch(shapes, model, opt, str(path))
+    return [f"{named}: {problem}"] if problem else []
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; point it at a weights file (.safetensors, .pt, .pth)")
     if not path.is_file():
-        return [f"{named} {path}: no such file; point it at model weights (.safetensors, .pt, .pth)"]
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (released weights go in checkpoints/)")
     if path.stat().st_size == 0:
-        return [f"{named} {path}: the file is empty (a failed download or copy?)"]
-    return []
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the download or copy failed, fetch it again")
+
+
+def _unreadable_safetensors(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is not a readable safetensors file ({exc}); "
+                           "it is probably truncated or corrupt: fetch it again")
+
+
+def read_shapes(path: Union[str, Path]) -> Dict[str, Tuple[int, ...]]:
+    """The names (as `normalize_state_dict` leaves them) and shapes of a checkpoint's weights: from
+    a safetensors header, which safetensors checks against the file's length, so that a truncated
+    file is found without reading its weights; a torch file is read whole."""
+    path = Path(path)
+    _check_file(path)
+    if path.suffix != ".safetensors":
+        return {name: tuple(t.shape) for name, t in load_weights(path).items()}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as opened:
+            shapes = {name: tuple(opened.get_slice(name).get_shape()) for name in opened.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _unreadable_safetensors(path, exc) from exc
+    return normalize_state_dict(shapes)
 
 
 def load_weights(path: Union[str, Path]) -> StateDict:
@@ -78,10 +121,7 @@ def load_weights(path: Union[str, Path]) -> StateDict:
     Torch files may hold the state dict itself or wrap it as {'model': ...} / {'state_dict': ...}.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (released weights go in checkpoints/)")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the download or copy failed, fetch it again")
+    _check_file(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -89,8 +129,7 @@ def load_weights(path: Union[str, Path]) -> StateDict:
         try:
             state = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({exc}); "
-                                  "it is probably truncated or corrupt: fetch it again") from exc
+            raise _unreadable_safetensors(path, exc) from exc
     elif path.suffix in (".pt", ".pth", ".bin"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -170,9 +209,10 @@ def preset_manifest(opt: Options) -> Dict[str, Tuple[int, ...]]:
     return _MANIFESTS[architecture]
 
 
-def guess_presets(state: Mapping[str, Tensor]) -> Tuple[List[str], float]:
-    """The presets whose models fit `state` best, and the fraction of (name, shape) pairs they share."""
-    have = {(name, tuple(t.shape)) for name, t in state.items()}
+def guess_presets(shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[List[str], float]:
+    """The presets whose models fit `shapes` (name -> shape) best, and the fraction of (name, shape)
+    pairs they share."""
+    have = set(shapes.items())
     scores = {}
     for preset, opt in config_defaults.items():
         want = set(preset_manifest(opt).items())
@@ -181,8 +221,8 @@ def guess_presets(state: Mapping[str, Tensor]) -> Tuple[List[str], float]:
     return [p for p, s in scores.items() if s == best], best
 
 
-def _describe_preset_guess(state: Mapping[str, Tensor]) -> str:
-    presets, score = guess_presets(state)
+def _describe_preset_guess(shapes: Mapping[str, Tuple[int, ...]]) -> str:
+    presets, score = guess_presets(shapes)
     if score == 1.0:
         head = f"it probably belongs to preset {presets[0]!r} (every name and shape fits)"
     else:
@@ -206,6 +246,59 @@ def _listing(title: str, items: List[str]) -> str:
     return f"  {len(items)} {title}:\n{shown}{more}"
 
 
+def _mismatch(source: str, mode: str, shapes: Mapping[str, Tuple[int, ...]], listings: List[Tuple[str, List[str]]],
+              fix: str) -> Optional[str]:
+    """The message of a checkpoint that does not fit (None when every listing is empty)."""
+    if not any(items for _, items in listings):
+        return None
+    parts = [f"checkpoint {source} does not fit this model ({mode}); {_describe_preset_guess(shapes)}."]
+    parts += [_listing(title, items) for title, items in listings if items]
+    return "\n".join(parts + [fix])
+
+
+def strict_mismatch(shapes: Mapping[str, Tuple[int, ...]], model: Mapping[str, Tuple[int, ...]],
+                    source: str) -> Optional[str]:
+    """Why a checkpoint of these names and shapes does not load strictly into a model of `model`'s, or None."""
+    listings = [("missing keys (in the model, not in the checkpoint)", [n for n in model if n not in shapes]),
+                ("unexpected keys (in the checkpoint, not in the model)", [n for n in shapes if n not in model]),
+                ("mis-shaped keys", [f"{n}: checkpoint {list(shapes[n])}, model {list(model[n])}"
+                                     for n in model if n in shapes and tuple(shapes[n]) != tuple(model[n])])]
+    return _mismatch(source, "strict loading", shapes, listings,
+                     "Use the options of the preset the checkpoint belongs to, or turn strict_checkpoint_loading "
+                     "off to finetune from it.")
+
+
+# What a finetune adds to a model that its checkpoint lacks: dynamic tokens and time embeddings.
+FINETUNE_ADDED_PREFIXES = ("gs_tokens_dynamic", "patch_time_embed.", "patch_time_embed_tgt.")
+
+
+def finetune_mismatch(shapes: Mapping[str, Tuple[int, ...]], model: Mapping[str, Tuple[int, ...]], opt: Options,
+                      source: str) -> Optional[str]:
+    """Why a run may not start from a checkpoint of these names and shapes, or None. It may when
+    every weight it holds has a place in the model (the same name and shape, or tokens / latents of
+    another count that init_tokens_from_existing / init_latents_from_existing resize) and the
+    model's weights it lacks are only those a dynamic finetune adds (FINETUNE_ADDED_PREFIXES)."""
+    def fits(name: str) -> bool:
+        have, want = tuple(shapes[name]), tuple(model[name])
+        return have == want or (_resizable(opt).get(name, False) and have[1:] == want[1:])
+
+    listings = [("missing keys (in the model, not in the checkpoint, and not added by a finetune)",
+                 [n for n in model if n not in shapes and not n.startswith(FINETUNE_ADDED_PREFIXES)]),
+                ("unexpected keys (in the checkpoint, not in the model)", [n for n in shapes if n not in model]),
+                ("mis-shaped keys", [f"{n}: checkpoint {list(shapes[n])}, model {list(model[n])}"
+                                     for n in model if n in shapes and not fits(n)])]
+    return _mismatch(source, "finetuning", shapes, listings,
+                     "Start from a checkpoint of this preset's architecture, or use the options of the preset it "
+                     "belongs to (tokens or latents of another count load with --init_tokens_from_existing / "
+                     "--init_latents_from_existing).")
+
+
+def _resizable(opt: Options) -> Dict[str, bool]:
+    """The weights whose count an init rule adapts, and whether the options turn that rule on."""
+    return {"gs_tokens": opt.init_tokens_from_existing, "gs_tokens_dynamic": opt.init_tokens_from_existing,
+            "enc_dec_backbone.latents": opt.init_latents_from_existing}
+
+
 def load_model_checkpoint(model: nn.Module, path_or_state: Union[str, Path, Mapping[str, Tensor]],
                           opt: Optional[Options] = None, strict: Optional[bool] = None) -> LoadReport:
     """Load a checkpoint into `model`.
@@ -224,26 +317,15 @@ def load_model_checkpoint(model: nn.Module, path_or_state: Union[str, Path, Mapp
     report = LoadReport()
 
     if strict:
-        missing = [name for name in own if name not in state]
-        unexpected = [name for name in state if name not in own]
-        misshaped = [f"{name}: checkpoint {list(state[name].shape)}, model {list(own[name].shape)}"
-                     for name in own if name in state and state[name].shape != own[name].shape]
-        if missing or unexpected or misshaped:
-            parts = [f"checkpoint {source} does not fit this model (strict loading); "
-                     f"{_describe_preset_guess(state)}."]
-            parts += [_listing(title, items) for title, items in (
-                ("missing keys (in the model, not in the checkpoint)", missing),
-                ("unexpected keys (in the checkpoint, not in the model)", unexpected),
-                ("mis-shaped keys", misshaped)) if items]
-            parts.append("Use the options of the preset the checkpoint belongs to, or turn strict_checkpoint_loading "
-                         "off to finetune from it.")
-            raise CheckpointError("\n".join(parts))
+        problem = strict_mismatch({n: tuple(t.shape) for n, t in state.items()},
+                                  {n: tuple(t.shape) for n, t in own.items()}, source)
+        if problem:
+            raise CheckpointError(problem)
         model.load_state_dict(state, strict=True)
         report.loaded = list(state)
         return report
 
-    resizable = {"gs_tokens": opt.init_tokens_from_existing, "gs_tokens_dynamic": opt.init_tokens_from_existing,
-                 "enc_dec_backbone.latents": opt.init_latents_from_existing}
+    resizable = _resizable(opt)
     to_load: StateDict = {}
     for name, value in state.items():
         if name not in own:
