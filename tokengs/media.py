@@ -40,12 +40,14 @@ def comparison_grid(columns: Sequence[Tensor], min_height: int = 192) -> np.ndar
     return canvas
 
 
-def save_png(path: str | Path, image: np.ndarray) -> Path:
+def save_png(path: str | Path, image: np.ndarray, compress_level: int = 6) -> Path:
+    """[H, W, 3] uint8 -> PNG. compress_level (zlib, 0-9; Pillow's default 6): 1 wrote a 256x896
+    photo 3.8x faster, into a file 3% larger."""
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    Image.fromarray(image).save(path, compress_level=compress_level)
     return path
 
 

@@ -1,12 +1,16 @@
-"""Read every scene of a dataset root and report each problem before a long run.
+"""Read every scene of a dataset root, or one capture, and report each problem before a long run.
 
     python -m tokengs.data.check NAME --root R [--json OUT] [--preset P]
 
-NAME is a registry name (a `_scaled_X` suffix is accepted); every subset or split under R is
-read. Problems: an unreadable archive, a missing frame or file, an image that does not decode, an
-image size that disagrees with the metadata (aspect ratio off by more than one pixel) or frames
-of mixed size, a non-finite or degenerate pose, fewer frames than sampling needs (the dataset's
-minimum context gap + 1, and the preset's context views), evaluation-JSON indices out of range.
+NAME is a registry name (a `_scaled_X` suffix is accepted), and every subset or split under R is
+read; or a capture format (colmap, nerfstudio, instant_ngp: `tokengs.data.captures`), and R is
+that capture (a COLMAP model or the folder above sparse/, a transforms.json or its folder), read
+as a dataset of one scene: its frames must cover the preset's context views, and its images must
+all be posed and its lenses ones OpenCV undistorts. Problems: an unreadable archive, a missing
+frame or file, an image that does not decode, an image size that disagrees with the metadata
+(aspect ratio off by more than one pixel) or frames of mixed size, a non-finite or degenerate
+pose, fewer frames than sampling needs (the dataset's minimum context gap + 1, and the preset's
+context views), evaluation-JSON indices out of range.
 Exits 1 when there is any, else 0. `--json OUT` writes {"dataset", "root", "scenes": [{"name",
 "path", "frames", "image_hw", "c2w" (first frame, OpenCV), "intrinsics" (fx, fy, cx, cy)}],
 "problems": [{"scene", "path", "problem"}]}.
@@ -20,8 +24,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from tokengs.data.captures import CaptureReader
 from tokengs.data.registry import evaluation_json_path, load_evaluation_json, make_reader, parse_name
 from tokengs.data.scene import DataLoadError, SceneError
+
+CAPTURE_FORMATS = ("colmap", "nerfstudio", "instant_ngp")
 
 
 def _readers(spec, root: Path):
@@ -70,8 +77,31 @@ def check_scene(reader, ref, min_frames: int, evaluation: Optional[dict]) -> Tup
     return record, problems
 
 
+def _check_scenes(reader, refs, min_frames: int, evaluation: Optional[dict], report: Dict) -> None:
+    """Check each scene of refs; their records and problems go into the report."""
+    for ref in refs:
+        record, scene_problems = check_scene(reader, ref, min_frames, evaluation)
+        if record is not None:
+            report["scenes"].append(record)
+        report["problems"] += [{"scene": ref.name, "path": str(ref.path), "problem": p} for p in scene_problems]
+
+
+def check_capture(fmt: str, root: Path, num_input_views: int = 2) -> Dict:
+    """The report of the capture at root, in format fmt, as a dataset of one scene."""
+    report: Dict = {"dataset": fmt, "root": str(root), "scenes": [], "problems": []}
+    reader = CaptureReader(fmt, root)
+    refs = reader.scenes()
+    if not refs:
+        report["problems"].append({"scene": None, "path": str(root), "problem": "no such file or folder"})
+    _check_scenes(reader, refs, num_input_views, None, report)
+    return report
+
+
 def check(name: str, root: Path, num_input_views: int = 2) -> Dict:
-    """The report of every scene of dataset `name` under root (see the module docstring)."""
+    """The report of every scene of dataset `name` under root, or of the capture at root when
+    name is a capture format (see the module docstring)."""
+    if name in CAPTURE_FORMATS:
+        return check_capture(name, root, num_input_views)
     spec, _ = parse_name(name)
     report: Dict = {"dataset": name, "root": str(root), "scenes": [], "problems": []}
     problems = report["problems"]
@@ -98,11 +128,7 @@ def check(name: str, root: Path, num_input_views: int = 2) -> Dict:
             problems.append({"scene": None, "path": str(reader.index_path),
                              "problem": "missing index.json (scene key -> chunk file)"})
         found += len(refs)
-        for ref in refs:
-            record, scene_problems = check_scene(reader, ref, min_frames, evaluation)
-            if record is not None:
-                report["scenes"].append(record)
-            problems += [{"scene": ref.name, "path": str(ref.path), "problem": p} for p in scene_problems]
+        _check_scenes(reader, refs, min_frames, evaluation, report)
     if found == 0:
         problems.append({"scene": None, "path": str(root), "problem": f"no {spec.name} scenes in the layout of "
                                                                       "data/DATA.md"})
@@ -117,8 +143,9 @@ def check(name: str, root: Path, num_input_views: int = 2) -> Dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", help="registry name: dl3dv, dl3dv_eval, re10k or kubric (_scaled_X accepted)")
-    parser.add_argument("--root", required=True, help="dataset root")
+    parser.add_argument("name", help="registry name: dl3dv, dl3dv_eval, re10k or kubric (_scaled_X accepted); or a "
+                                     "capture format: colmap, nerfstudio or instant_ngp")
+    parser.add_argument("--root", required=True, help="dataset root, or the capture")
     parser.add_argument("--json", help="write the per-scene report here")
     parser.add_argument("--preset", help="count the context views of this preset in the frames a scene needs")
     args = parser.parse_args(argv)
