@@ -1,5 +1,7 @@
 """How long a training step of the demo model takes on the CPU, idle and beside a busy process,
-for a few torch thread counts (what `tokengs.threads.cpu_threads` chooses is marked).
+for a few torch thread counts (what `tokengs.threads.cpu_threads` chooses is marked). The demo
+presets start from the shipped checkpoint, as the demo does: a fresh model's Gaussians are larger
+and cost the CPU rasterizer about 3x the time per step.
 
     python scripts/cpu_step_time.py [--steps 6] [--threads 1 2] [--preset demo]
 
@@ -24,13 +26,15 @@ def step_times(preset: str, data: Path, threads: int, steps: int) -> list[float]
     """Seconds of each optimizer step (data loading included) of `preset` on `threads` torch threads."""
     import torch
 
+    from tokengs.demo import SHIPPED_CHECKPOINT
     from tokengs.options import get_preset
     from tokengs.train import Trainer
 
     torch.set_num_threads(threads)
     opt = get_preset(preset).evolve(workspace=str(data / f"ws_{threads}"), dataset_kwargs={"root_path": str(data)},
                                     num_workers=0, max_iters_per_epoch=steps + 1, save_every_steps=10**9,
-                                    data_mode=(("dl3dv_scaled_0.25", steps + 1),))  # enough batches of the 8 rooms
+                                    data_mode=(("dl3dv_scaled_0.25", steps + 1),),  # enough batches of the 8 rooms
+                                    resume=str(SHIPPED_CHECKPOINT) if preset.startswith("demo") else None)
     trainer = Trainer(opt)
     trainer.setup()
     times, batches = [], iter(trainer.loader)

@@ -99,3 +99,36 @@ def _times_of_channels(time: Tensor) -> Tensor:
         return torch.zeros(time.shape[:2], dtype=time.dtype, device=time.device)
     half = time.shape[2] // 2
     return torch.atan2(time[:, :, half, 0, 0], time[:, :, 0, 0, 0])
+
+
+# ---- batch files: one release dict in a safetensors file -----------------------------------------
+
+SCENE_NAMES_METADATA = "scene_name"  # the scenes' names, a JSON list in the file's metadata (not a tensor)
+
+
+def save_release_batch(batch: Batch, opt: Options, path) -> None:
+    """Write `batch` as the release's dict (`to_release_dict`'s tensors, float32, on the CPU) to
+    a safetensors file; the scene names go into its metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    release = to_release_dict(batch, opt)
+    names = release.pop("scene_name")
+    save_file({key: value.detach().cpu().contiguous() for key, value in release.items()}, str(path),
+              metadata={SCENE_NAMES_METADATA: json.dumps(names)})
+
+
+def load_release_batch(path) -> Batch:
+    """A batch file (the release's keys, as `save_release_batch` writes them or the release's own
+    batches saved with safetensors) -> Batch on the CPU, through `from_release_dict`."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        release = {key: f.get_tensor(key) for key in f.keys()}
+        metadata = f.metadata() or {}
+    if SCENE_NAMES_METADATA in metadata:
+        release[SCENE_NAMES_METADATA] = json.loads(metadata[SCENE_NAMES_METADATA])
+    return from_release_dict(release)

@@ -41,6 +41,11 @@ class RenderOutput:
         """Concatenate along scenes (dim 0) or views (dim 1)."""
         return RenderOutput(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=dim) for f in fields(RenderOutput)})
 
+    @staticmethod
+    def stack(scenes: list["RenderOutput"]) -> "RenderOutput":
+        """Renders of single scenes, [V, ...] each -> one of [B, V, ...]."""
+        return RenderOutput(**{f.name: torch.stack([getattr(s, f.name) for s in scenes]) for f in fields(RenderOutput)})
+
 
 def intrinsics_matrices(intrinsics: Tensor) -> Tensor:
     """(fx, fy, cx, cy) [..., 4] -> pinhole matrices K [..., 3, 3], built with tensor ops."""
