@@ -438,13 +438,29 @@ def _number(value, key: str, frame: int, where: Path) -> float:
     return number
 
 
+# Downscaled copies beside images/ (nerfstudio's ns-process-data writes them; DL3DV ships images_4/
+# alone): a frame listed under images/ is read from the first of these that holds it. The
+# intrinsics are scaled to the size of the image read.
+DOWNSCALED_DIRS = ("images_2", "images_4", "images_8")
+
+
 def _image_path(folder: Path, file_path: str) -> Path:
-    """A frame's image: file_path relative to the JSON's folder; one without a suffix (NeRF's
-    synthetic scenes, instant-ngp) is the first image file of that name."""
+    """A frame's image: file_path relative to the JSON's folder, else its copy in a downscaled
+    folder (DOWNSCALED_DIRS); one without a suffix (NeRF's synthetic scenes, instant-ngp) is the
+    first image file of that name."""
     path = folder / file_path
-    if path.suffix or path.is_file():
-        return path
-    return next((path.with_suffix(s) for s in IMAGE_SUFFIXES if path.with_suffix(s).is_file()), path)
+    parts = Path(file_path).parts
+    candidates = [path]
+    if len(parts) > 1 and parts[0] == "images":
+        candidates += [folder.joinpath(downscaled, *parts[1:]) for downscaled in DOWNSCALED_DIRS]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+        if not candidate.suffix:
+            found = next((candidate.with_suffix(s) for s in IMAGE_SUFFIXES if candidate.with_suffix(s).is_file()), None)
+            if found is not None:
+                return found
+    return path
 
 
 def _open_transforms(name: str, path: Path, fmt: str) -> CaptureScene:
