@@ -519,6 +519,25 @@ def test_a_second_run_on_a_locked_workspace_refuses_naming_the_holder_and_a_kill
     assert (workspace / ws.COMPLETE_FILE).exists() and not (workspace / ws.LOCK_FILE).exists()
 
 
+def test_an_evaluation_stopped_by_sigterm_releases_its_lock_in_one_line(eval_root, tmp_path):
+    """SIGTERM unwinds a command that has no checkpoint to save (evaluation): without the handler
+    the process died at once and left its lock for the next run to take over."""
+    workspace = tmp_path / "ws"
+    process = subprocess.Popen([sys.executable, "-m", "tokengs.evaluate", *evaluate_flags(eval_root, workspace)],
+                               cwd=ROOT, env=ONE_THREAD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_lock(process, workspace)
+        os.kill(process.pid, signal.SIGSTOP)  # wherever it is while it holds the lock
+        os.kill(process.pid, signal.SIGTERM)  # delivered when it continues
+        os.kill(process.pid, signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert last_line(stderr) == "error: stopped by SIGTERM" and "Traceback" not in stderr, stderr[-2000:]
+    assert not (workspace / ws.LOCK_FILE).exists()
+
+
 def test_a_lock_of_another_host_is_never_taken_over(clean_root, tmp_path, capsys):
     workspace = tmp_path / "ws"
     workspace.mkdir()

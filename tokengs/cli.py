@@ -24,6 +24,7 @@ import functools
 import io
 import os
 import re
+import signal
 import sys
 import textwrap
 import traceback
@@ -222,6 +223,34 @@ def work_started() -> None:
     _started = True
 
 
+class Stopped(BaseException):
+    """SIGTERM (or Ctrl-C) where no handler of the command's own saves on it: raised in the main
+    thread so that the stack unwinds (the workspace lock released, half-made folders removed)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> typing.Iterator[None]:
+    """SIGTERM raises Stopped while the block runs (training installs its own handler, which saves
+    a checkpoint, for its loop); without it the process would die at once and keep its lock."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    except ValueError:  # not the main thread: the signal keeps its handler
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def entry_point(main: Optional[Main] = None, *, user_errors: tuple[type[BaseException], ...] = ()):
     """Give a command's `main(argv=None)` the one rule for errors (see run_main). Use it bare,
     `@entry_point`, or with the command's own error classes, `@entry_point(user_errors=(E,))`."""
@@ -240,13 +269,21 @@ def run_main(main: Callable[[list[str]], typing.Any], argv: Optional[Sequence[st
     A user's mistake or the environment's fault (our error classes, `user_errors`, operating-system
     errors, a full disk in any layer) ends in one line, `error: ...`, and SystemExit(2) during
     start-up or 1 after `work_started`; with --debug or TOKENGS_DEBUG=1 the traceback comes first.
-    Any other exception propagates with its traceback: it is a bug."""
+    SIGTERM and Ctrl-C where the command does not handle them itself unwind the stack and end in
+    `error: stopped by SIGTERM` (SIGINT), exit 128 + the signal's number. Any other exception
+    propagates with its traceback: it is a bug."""
     global _started
     args = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in args or os.environ.get("TOKENGS_DEBUG", "") not in ("", "0")
     _started = False
     try:
-        return main([arg for arg in args if arg != DEBUG_FLAG])
+        with _sigterm_unwinds():
+            return main([arg for arg in args if arg != DEBUG_FLAG])
+    except (Stopped, KeyboardInterrupt) as exc:
+        if debug:
+            traceback.print_exc()
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        fail(f"stopped by {signal.Signals(signum).name}", code=128 + signum)
     except Exception as exc:
         message = user_error_message(exc, user_errors)
         if message is None:
