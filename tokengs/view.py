@@ -457,6 +457,7 @@ class Viewer:
         for i, camera in enumerate(scene.cameras):
             frustum = self.server.scene.add_camera_frustum(
                 f"/cameras/{i:03d}", fov=camera.vertical_fov, aspect=camera.width / camera.height, scale=size,
+                thickness=0.04 * size,  # viser's default (0.02 world units) is thicker than a small frustum
                 color=(230, 120, 20), image=frustum_image(camera), wxyz=quaternion_of(camera.c2w[:3, :3]),
                 position=camera.c2w[:3, 3], visible=self.show_cameras.value)
             self.frustums.append(frustum)
