@@ -104,6 +104,20 @@ def test_spread_head_keeps_the_gain_of_a_linear_layer():
     assert float(model.gs_tokens.detach().std()) > 0.5
 
 
+def test_trained_recipe_trains_only_the_gaussian_tokens_and_the_head():
+    """All-parameter AdamW grew the 6-view decoder's 5e-5 LayerScales by ~lr per step and moved
+    every Gaussian out of view together; the recipe trains the tokens and the head alone."""
+    opt = benchmark.case_options(benchmark.CASES["ttt_6view"], smoke=True)
+    model, curve = benchmark.train_on_rooms(opt, CPU, steps=2)
+    train_opt = opt.evolve(evaluating=False, batch_size=1, num_views=opt.num_input_views + benchmark.TRAIN_TARGETS)
+    fresh = dict(benchmark.fresh_model(train_opt, CPU).named_parameters())
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), fresh[name].detach())}
+    assert moved and all(name.startswith(benchmark.TRAINED_PARAMETERS) for name in moved), moved
+    assert "activation_head.deconv.weight" in moved and "gs_tokens" in moved
+    assert all(p.requires_grad for p in model.parameters())  # tuning the loaded model is unaffected
+    assert [step for step, _ in curve] == [0, 1]
+
+
 def collapsed(model):
     """`model` with every opacity far below gsplat's 1/255 culling threshold: nothing renders."""
     head = model.activation_head
