@@ -2,8 +2,8 @@
 
 torch's default, one OpenMP thread per core, stalls at every operation's barrier when another
 process holds one of the cores: measured on 2 cores with one busy process beside it, a demo
-training step went from 1.55 to 4.94 s (3.2x; 21x while a test suite also ran) on 2 threads, and
-from 1.93 to 2.02 s on 1 thread (scripts/cpu_step_time.py). Half the cores keeps a step's time
+training step went from 1.11 to 3.57 s (3.2x; 21x while a test suite also ran) on 2 threads, and
+from 1.43 to 1.47 s on 1 thread (scripts/cpu_step_time.py). Half the cores keeps a step's time
 whatever else runs.
 """
 
