@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tokengs import workspace as ws
 from tokengs.cli import DEBUG_FLAG, DEBUG_HELP, entry_point
 from tokengs.options import Options, OptionsError
 
@@ -191,7 +192,7 @@ def resolve_options(ckpt: Optional[str], preset: Optional[str], workspace: Optio
     from tokengs.options import get_preset
 
     if workspace is not None:
-        config, checkpoint = Path(workspace) / "config.yaml", Path(workspace) / "model.safetensors"
+        config, checkpoint = Path(workspace) / ws.CONFIG_FILE, Path(workspace) / ws.MODEL_FILE
         if not config.is_file():
             problems.append(f"--workspace {workspace}: no config.yaml there (a training workspace writes one)")
             return None, checkpoint, f"workspace {workspace}"
@@ -298,17 +299,10 @@ def autocast(opt: Options, device: torch.device):
                           enabled=device.type == "cuda" and dtype is not None)
 
 
-def tuning_loss(opt: Options, device: torch.device):
-    """The training loss that test-time tuning minimises (with LPIPS's network where it has a weight)."""
-    from tokengs.losses import LossComputer
-    from tokengs.metrics import build_lpips
-
-    return LossComputer(opt, device=device, lpips_model=build_lpips(device) if opt.lambda_lpips > 0 else None)
-
-
 def reconstruct(model: "TokenGS", opt: Options, capture: Capture, request: Request, device: torch.device) -> Result:
     """Reconstruct a checked capture with a built model (on `device`, in eval mode) and write
     everything under request.out (see the module docstring)."""
+    from tokengs.losses import LossComputer
     from tokengs.metrics import psnr, ssim
     from tokengs.rendering import render_chunked
     from tokengs.ttt import test_time_tune
@@ -321,7 +315,8 @@ def reconstruct(model: "TokenGS", opt: Options, capture: Capture, request: Reque
         packed = model.decode(encoding)
     if request.ttt:
         with timer.phase("ttt"), autocast(opt, device):
-            packed = test_time_tune(model, encoding, batch.context, opt, tuning_loss(opt, device))
+            # the training loss (LossComputer builds LPIPS's network where it has a weight)
+            packed = test_time_tune(model, encoding, batch.context, opt, LossComputer(opt, device=device))
     packed = packed.float()
     targets = batch.target
     pred = gt = targets.images[0]  # [V_out, 3, H, W]

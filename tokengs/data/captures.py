@@ -125,8 +125,7 @@ class Undistortion:
         """[H, W, C] image as read -> the same image seen by the pinhole camera."""
         if self.maps is None:
             return image
-        undistorted = cv2.remap(image, *self.maps, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        return undistorted if undistorted.ndim == 3 else undistorted[:, :, None]
+        return cv2.remap(image, *self.maps, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 # OpenCV puts pixel centers at integer coordinates; COLMAP, nerfstudio and we put them at +0.5.
@@ -257,19 +256,6 @@ def json_flavour(data: dict) -> str:
     return "instant_ngp" if has("camera_angle_x") and not has("fl_x") else "nerfstudio"
 
 
-def detect_format(path: Path) -> Optional[str]:
-    """The format of the capture at path (see the module docstring), or None when it is none of them."""
-    if path.is_file() and path.suffix.lower() == ".zip":
-        return "dl3dv"
-    json_path = transforms_file(path)
-    if json_path is not None:
-        try:
-            return json_flavour(read_json(json_path))
-        except SceneError:
-            return "nerfstudio"  # the reader names what is wrong with the file
-    return "colmap" if path.is_dir() and colmap_model_dir(path) is not None else None
-
-
 def capture_name(path: Path) -> str:
     """A name for the capture: the folder that holds it (a zip: its stem)."""
     if path.suffix.lower() == ".zip":
@@ -281,19 +267,19 @@ def capture_name(path: Path) -> str:
 
 
 def open_capture(path: Path, fmt: Optional[str] = None) -> CaptureScene:
-    """Open the capture at path in format fmt (None: `detect_format`); SceneError naming the file
-    when it cannot be read at all (its per-frame problems are in meta.problems())."""
+    """Open the capture at path in format fmt (None: recognised: a zip is DL3DV's, a transforms.json
+    nerfstudio's or instant-ngp's, else a COLMAP model); SceneError naming the file when it cannot
+    be read at all (its per-frame problems are in meta.problems())."""
     path = Path(path)
     if not path.exists():
         raise SceneError(path, "no such file or folder")
-    fmt = fmt or detect_format(path)
     name = capture_name(path)
-    if fmt == "dl3dv":
+    if fmt == "dl3dv" or (fmt is None and path.is_file() and path.suffix.lower() == ".zip"):
         return _open_dl3dv(SceneRef(name, path))
-    if fmt == "colmap":
+    if fmt in ("nerfstudio", "instant_ngp") or (fmt is None and transforms_file(path) is not None):
+        return _open_transforms(name, path, fmt)  # its reader tells the two apart when fmt is None
+    if fmt == "colmap" or (fmt is None and path.is_dir() and colmap_model_dir(path) is not None):
         return _open_colmap(name, path)
-    if fmt in ("nerfstudio", "instant_ngp"):
-        return _open_transforms(name, path, fmt)
     raise SceneError(path, "not a capture: expected a COLMAP model (sparse/0/ beside images/), a transforms.json "
                            "(nerfstudio or instant-ngp) or a DL3DV scene zip")
 
@@ -463,11 +449,13 @@ def _image_path(folder: Path, file_path: str) -> Path:
     return path
 
 
-def _open_transforms(name: str, path: Path, fmt: str) -> CaptureScene:
+def _open_transforms(name: str, path: Path, fmt: Optional[str]) -> CaptureScene:
+    """A nerfstudio or instant-ngp capture (fmt None: told apart by `json_flavour`)."""
     metadata = transforms_file(path)
     if metadata is None:
         raise SceneError(path, f"no {TRANSFORMS} here (nerfstudio or instant-ngp)")
     data = read_json(metadata)
+    fmt = fmt or json_flavour(data)
     frames = data["frames"]
     for i, frame in enumerate(frames):
         if not (isinstance(frame, dict) and isinstance(frame.get("file_path"), str) and "transform_matrix" in frame):

@@ -24,11 +24,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from tokengs.data.captures import CaptureReader
+from tokengs.data.captures import FORMATS, CaptureReader
 from tokengs.data.registry import evaluation_json_path, load_evaluation_json, make_reader, parse_name
 from tokengs.data.scene import DataLoadError, SceneError
 
-CAPTURE_FORMATS = ("colmap", "nerfstudio", "instant_ngp")
+CAPTURE_FORMATS = tuple(f for f in FORMATS if f != "dl3dv")  # a DL3DV zip is checked as the dl3dv layout
 
 
 def _readers(spec, root: Path):
