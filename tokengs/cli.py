@@ -237,18 +237,20 @@ def _raise_stopped(signum: int, frame) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds() -> typing.Iterator[None]:
-    """SIGTERM raises Stopped while the block runs (training installs its own handler, which saves
-    a checkpoint, for its loop); without it the process would die at once and keep its lock."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_stopped)
-    except ValueError:  # not the main thread: the signal keeps its handler
-        yield
-        return
+def signal_handlers(signums: Sequence[int], handler: Callable) -> typing.Iterator[None]:
+    """`handler` for each of `signums` while the block runs, the previous handlers back afterwards.
+    Outside the main thread (e.g. a notebook worker) signals keep their handlers."""
+    previous = {}
+    for signum in signums:
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:
+            pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def entry_point(main: Optional[Main] = None, *, user_errors: tuple[type[BaseException], ...] = ()):
@@ -277,7 +279,9 @@ def run_main(main: Callable[[list[str]], typing.Any], argv: Optional[Sequence[st
     debug = DEBUG_FLAG in args or os.environ.get("TOKENGS_DEBUG", "") not in ("", "0")
     _started = False
     try:
-        with _sigterm_unwinds():
+        # SIGTERM raises Stopped (training installs its own handler, which saves a checkpoint, for
+        # its loop); without it the process would die at once and keep its workspace lock
+        with signal_handlers((signal.SIGTERM,), _raise_stopped):
             return main([arg for arg in args if arg != DEBUG_FLAG])
     except (Stopped, KeyboardInterrupt) as exc:
         if debug:

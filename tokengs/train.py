@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from tokengs import workspace as ws
-from tokengs.cli import entry_point, parse_options, work_started
+from tokengs.cli import entry_point, parse_options, signal_handlers, work_started
 from tokengs.options import Options, OptionsError
 from tokengs.startup import raise_problems
 
@@ -448,17 +448,8 @@ class Trainer:
                 log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to quit now)")
                 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                previous[signum] = signal.signal(signum, request_stop)
-            except ValueError:  # not the main thread (e.g. inside a notebook worker): the signal keeps its handler
-                pass
-        try:
+        with signal_handlers((signal.SIGTERM, signal.SIGINT), request_stop):
             yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
     def _stop_agreed(self) -> bool:
         """Whether any process got SIGTERM. Processes get it at different moments, and all must stop
