@@ -364,8 +364,8 @@ class Trainer:
         acc = self.accelerator
         self.model.eval()
         psnrs = []
-        for i in range(len(self.val_set)):
-            batch = self.val_set[i].to(acc.device)
+        for i, scene in enumerate(self.val_set):
+            batch = scene.to(acc.device)
             with acc.autocast():
                 packed = self.model(batch)
             result = self.loss.evaluate(packed.float(), batch.target)
@@ -501,24 +501,23 @@ class Trainer:
             self.wandb.log(scalars, step=self.global_step)
 
 
-def validation_scenes(dataset: SceneDataset) -> torch.utils.data.Subset:
-    """The validation scenes of `dataset` that load; each one that does not is dropped with a
-    warning naming it. DataLoadError when none loads."""
+def validation_scenes(dataset: SceneDataset) -> list[Batch]:
+    """The validation scenes of `dataset` that load, loaded once (their views depend on the seed
+    and the scene only, so every validation sees the same tensors); each one that does not load
+    is dropped with a warning naming it. DataLoadError when none loads."""
     from tokengs.data.scene import DataLoadError
 
     usable, failures = [], []
     for index in range(len(dataset)):
         try:
-            dataset[index]
+            usable.append(dataset[index])
         except DataLoadError as exc:
             log.warning("dropping a validation scene: %s", exc)
             failures.append(str(exc))
-        else:
-            usable.append(index)
     if not usable:
         raise DataLoadError(f"none of the {len(dataset)} validation scenes (the last batch_size of each dataset) "
                             f"loads; the first: {failures[0]}. `python -m tokengs.data.check` lists every problem")
-    return torch.utils.data.Subset(dataset, usable)
+    return usable
 
 
 def torch_writer(state: dict) -> Callable[[Path], None]:
