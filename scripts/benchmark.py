@@ -20,7 +20,8 @@ trained for the tuning cases, fresh for the others):
            re-drawn so that the Gaussians spread and shrink like a trained model's (`spread_gaussians`).
   trained  a model trained on generated rooms (`train_on_rooms`: the spread model's Gaussian
            tokens and head, trained TRAIN_STEPS steps at lr TRAIN_LR, batch 1, on TRAIN_ROOMS rooms
-           of seed 0; the backbone stays fresh), on held-out rooms of seed 1 (`held_out_batch`).
+           of seed 0; the backbone stays fresh; steps with a non-finite gradient skipped and listed
+           in the cache's .json), on held-out rooms of seed 1 (`held_out_batch`).
            Trained once per architecture and cached in
            DIR/trained/ (a later run reuses it; --train_steps sets the steps). A case whose trained
            Gaussians cover less than MIN_COVERAGE of the pixels, or none at all, is not timed
@@ -123,16 +124,12 @@ TRAIN_ROOMS, ROOM_FRAMES, TRAIN_TARGETS = 8, 16, 4
 ROOM_SCENE_SCALE = 0.4
 TRAIN_STEPS, SMOKE_TRAIN_STEPS, TRAIN_LR = 200, 2, 1e-4
 # What trains: the parameters that place the Gaussians, the Gaussian tokens and the activation head
-# (the backbone stays at its fresh initialization). With everything trained, AdamW moves each of
-# the 6-view decoder's LayerScales (started at 5e-3 * gs_token_std = 5e-5) by ~lr per step: 400x
-# its size in 200 steps, over 36 branches whose outputs (attention means over the views and over
-# 4096 tokens) are shared by every token, so all 262k Gaussians move together (measured on the CPU:
-# README "Speed and memory"); likely why they all left the views on an H200 (the latent model's
-# LayerScales start at 0.01: 3x, one decoder block).
+# (the backbone stays at its fresh initialization). A step whose gradient is not finite is skipped,
+# as training skips it.
 TRAINED_PARAMETERS = ("gs_tokens", "activation_head.")
 # Changes with the code of the recipe (2: the spread model's tokens of unit size; 3: only
-# TRAINED_PARAMETERS train), renaming the cached models.
-TRAINED_RECIPE = 3
+# TRAINED_PARAMETERS train; 4: non-finite steps skipped), renaming the cached models.
+TRAINED_RECIPE = 4
 # Trained Gaussians must cover this share of the held-out views' pixels to be timed (`check_trained`).
 MIN_COVERAGE = 0.5
 
@@ -228,8 +225,9 @@ def fresh_model(opt: Options, device: torch.device) -> TokenGS:
         return TokenGS(opt)
 
 
-def train_on_rooms(opt: Options, device: torch.device, steps: int, lr: float = TRAIN_LR) -> tuple[TokenGS, list]:
-    """The preset's architecture trained on generated rooms -> (model, [(step, loss)]).
+def train_on_rooms(opt: Options, device: torch.device, steps: int, lr: float = TRAIN_LR) -> tuple[TokenGS, dict]:
+    """The preset's architecture trained on generated rooms -> (model, {"loss": [(step, loss)],
+    "skipped_steps": [steps whose gradient was not finite, left out as training leaves them out]}).
 
     Starts from the spread model (so that the Gaussians start apart, as a finetune starts from
     trained weights), then `steps` AdamW steps of batch 1 at a constant `lr` with the case's loss,
@@ -255,20 +253,23 @@ def train_on_rooms(opt: Options, device: torch.device, steps: int, lr: float = T
     optimizer = build_optimizer(train_opt, model)
     loss = LossComputer(train_opt, device=device)
     autocast = autocast_for(device)
-    curve = []
+    curve, skipped = [], []
     for step in range(steps):
         batch = sample()
         with autocast():
             packed = model.forward_gaussians(batch)
         out = loss.backward(packed.float(), batch.target)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_opt.gradient_clip)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_opt.gradient_clip)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # skipped as training skips it: one NaN step would turn every weight it touches NaN
+            skipped.append(step)
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == steps - 1:
             curve.append((step, float(out.loss)))
     for parameter in frozen:
         parameter.requires_grad_(True)
-    return model.eval(), curve
+    return model.eval(), {"loss": curve, "skipped_steps": skipped}
 
 
 def trained_path(opt: Options, cache: Path, steps: int) -> Path:
@@ -285,11 +286,11 @@ def trained_weights(opt: Options, device: torch.device, cache: Path, steps: int)
     path = trained_path(opt, cache, steps)
     if not path.exists():
         start = time.perf_counter()
-        model, curve = train_on_rooms(opt, device, steps)
+        model, training = train_on_rooms(opt, device, steps)
         cache.mkdir(parents=True, exist_ok=True)
         save_model(model, path)
         record = {"steps": steps, "lr": TRAIN_LR, "rooms": TRAIN_ROOMS, "seconds": time.perf_counter() - start,
-                  "loss": curve}
+                  **training}
         path.with_suffix(".json").write_text(json.dumps(record, indent=1))
         print(f"trained weights {path.name}: {json.dumps(record)}", file=sys.stderr, flush=True)
         del model

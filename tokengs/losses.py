@@ -72,14 +72,26 @@ def visibility_loss(means: Tensor, w2c: Tensor, intrinsics: Tensor, image_hw: tu
     height, width = image_hw
     cam = torch.einsum("bvij,bnj->bvni", w2c[..., :3, :3], means) + w2c[:, :, None, :3, 3]  # [B, V, N, 3]
     fx, fy, cx, cy = (c[:, :, None] for c in intrinsics.unbind(-1))
-    u = torch.nan_to_num(fx * cam[..., 0] / cam[..., 2] + cx, nan=0.0, posinf=UNPROJECTABLE, neginf=-UNPROJECTABLE)
-    v = torch.nan_to_num(fy * cam[..., 1] / cam[..., 2] + cy, nan=0.0, posinf=UNPROJECTABLE, neginf=-UNPROJECTABLE)
+    x_over_z, y_over_z = _divide_by_depth(cam[..., :2], cam[..., 2:])
+    u = torch.nan_to_num(fx * x_over_z + cx, nan=0.0, posinf=UNPROJECTABLE, neginf=-UNPROJECTABLE)
+    v = torch.nan_to_num(fy * y_over_z + cy, nan=0.0, posinf=UNPROJECTABLE, neginf=-UNPROJECTABLE)
     u_n, v_n = 2 * u / width - 1, 2 * v / height - 1
     excess = torch.relu(u_n.abs() - 1) + torch.relu(v_n.abs() - 1)  # [B, V, N]
     nearest = excess.min(dim=1).values  # [B, N]
     if threshold > 0:
         nearest = nearest.clamp(max=threshold)
     return nearest.mean(dim=-1)
+
+
+def _divide_by_depth(xy: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """xy / z, split into x/z and y/z, with the plain quotient's values (±inf or NaN where z is 0)
+    and a gradient only where the quotient is finite. A center in a camera's plane (z exactly 0,
+    which bf16 means hit about once in 20 training steps) otherwise makes the division's backward
+    0·x/0² = NaN even though the term is clamped there, and that NaN reached every weight."""
+    quotient = xy / z
+    finite = torch.isfinite(quotient)
+    differentiable = xy / torch.where(finite, z, torch.ones_like(z))
+    return torch.where(finite, differentiable, quotient.detach()).unbind(-1)
 
 
 def fused_ssim_like(pred: Tensor, gt: Tensor) -> Tensor:
