@@ -471,6 +471,21 @@ def test_garbage_in_a_workspace_file_exits_2_with_one_line_naming_it(clean_root,
     assert checkpoint_bytes(workspace) == before and (workspace / name).read_bytes() == garbage
 
 
+def test_a_save_killed_after_its_commit_is_finished_before_the_start_up_checks(clean_root, trained, tmp_path, capsys):
+    """Killed between checkpoint.pending and the renames of a first save, a workspace has no
+    metadata.json yet: the start-up checks must see the checkpoint the save committed (here: a
+    config.yaml that disagrees with the flags), not a workspace without one."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(trained, workspace)
+    files = [name for name in ws.CHECKPOINT_FILES if (workspace / name).exists()]
+    for name in files:
+        (workspace / name).rename(workspace / (name + ".tmp"))
+    (workspace / ws.PENDING_FILE).write_text(json.dumps({"step": 2, "files": files}))
+    message = fails(train_main, train_flags(clean_root, workspace, "--lr", "0.123"), capsys)
+    assert f"{workspace / ws.CONFIG_FILE} disagrees with the flags given: lr" in message, message
+    assert not (workspace / ws.PENDING_FILE).exists() and checkpoint_bytes(workspace) == checkpoint_bytes(trained)
+
+
 def test_missing_optimizer_file_on_resume_exits_2_before_training(clean_root, trained, tmp_path, capsys):
     workspace = tmp_path / "ws"
     shutil.copytree(trained, workspace)

@@ -214,7 +214,6 @@ class Trainer:
         np.random.seed(opt.seed)
         if self.is_main:
             self.workspace.mkdir(parents=True, exist_ok=True)
-            ws.recover(self.workspace)
             ws.atomic_write(self.workspace / ws.CONFIG_FILE, opt.save_yaml)
         acc.wait_for_everyone()
         metadata = ws.read_metadata(self.workspace)
@@ -573,6 +572,9 @@ def _run(trainer: "Trainer") -> bool:
     opt = trainer.opt
     with ws.claimed(opt.workspace, hold=trainer.is_main):
         workspace = Path(opt.workspace)
+        if trainer.is_main:  # first: the checks below read the checkpoint a killed save may have left half-renamed
+            ws.recover(workspace)
+        trainer.accelerator.wait_for_everyone()
         if (workspace / ws.COMPLETE_FILE).exists():
             if not opt.retrain:
                 # changed flags would otherwise pass unnoticed, as if they had trained the workspace
