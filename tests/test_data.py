@@ -724,3 +724,24 @@ def test_release_adapter_round_trips_a_batch(synthetic):
     without_times = from_release_dict({k: v for k, v in release.items() if k != "timesteps"})
     assert torch.allclose(view_time_embeddings(without_times, opt.time_embedding_dim),
                           view_time_embeddings(batch, opt.time_embedding_dim), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, channels", [("L", 1), ("RGB", 3), ("RGBA", 4), ("I;16", 1)])
+def test_every_reader_decodes_a_frame_to_three_channels_of_its_stored_values(mode, channels):
+    """One decoder for every reader's frames: grey repeated into RGB, alpha dropped, 16-bit kept
+    (RealEstate10K's reader once kept a grey JPEG's single channel)."""
+    from tokengs.data.scene import decode_rgb, stack_views
+
+    rng = np.random.default_rng(0)
+    high = 65535 if mode == "I;16" else 255
+    values = rng.integers(0, high + 1, size=(5, 7, channels)).astype(np.uint16 if mode == "I;16" else np.uint8)
+    buffer = io.BytesIO()
+    image = Image.fromarray(values[:, :, 0] if channels == 1 else values)
+    assert image.mode == mode
+    image.save(buffer, format="PNG")
+    rgb = decode_rgb(buffer.getvalue(), "frame.png")
+    assert rgb.shape == (5, 7, 3) and rgb.dtype == values.dtype
+    expected = np.repeat(values, 3, 2) if channels == 1 else values[:, :, :3]
+    np.testing.assert_array_equal(rgb, expected)
+    stacked = stack_views([rgb], ["frame.png"], (5, 7))
+    torch.testing.assert_close(stacked[0], torch.from_numpy(expected.astype(np.float64) / high).float().permute(2, 0, 1))

@@ -182,19 +182,19 @@ def dump_media(workspace: Path, tag: str, batch: Batch, packed: torch.Tensor, re
     save_scene(Gaussians.unpack(packed[0].float()), batch.context, workspace / "gaussians" / f"gaussians_{tag}.ply")
 
 
-def skipped_summary(workspace: Path) -> str:
-    """The scenes the run skipped and why, from metrics.json ('' when none)."""
-    skipped = json.loads((workspace / "metrics.json").read_text())["skipped"]
+def skipped_summary(report: dict) -> str:
+    """The scenes the run skipped and why, from metrics.json's `report` ('' when none)."""
+    skipped = report["skipped"]
     if not skipped:
         return ""
     lines = [f"  {s['scene']} (index {s['index']}): {s['reason']}" for s in skipped]
     return "\n".join([f"skipped {len(skipped)} scenes that could not be read (not scored):", *lines, ""])
 
 
-def result_summary(workspace: Path) -> str:
-    """The run's outcome for the terminal, read back from metrics.json so that it shows exactly
-    what the reports hold: the mean of each quality metric over the scenes and where the reports are."""
-    report = json.loads((workspace / "metrics.json").read_text())
+def result_summary(workspace: Path, report: dict) -> str:
+    """The run's outcome for the terminal, from workspace/metrics.json as read back (`report`), so
+    that it shows exactly what the reports hold: the mean of each quality metric over the scenes
+    and where the reports are."""
     means = [f"{name.upper()} {report['summary'][name]['mean']:.4f}" for name in QUALITY if name in report["summary"]]
     not_computed = ", ".join(name.upper() for name in report["not_computed"])
     not_computed = f" ({not_computed} not computed)" if not_computed else ""
@@ -341,8 +341,10 @@ def main(argv: Sequence[str]) -> None:
     raise_problems(startup_problems(opt, checkpoint, from_config), "evaluating")
     results = evaluate(opt, checkpoint, strict)
     if PartialState().is_main_process:  # the state evaluate's Accelerator set up; one summary, not one per process
-        print(result_summary(Path(opt.workspace)))
-        print(skipped_summary(Path(opt.workspace)), file=sys.stderr, end="")
+        workspace = Path(opt.workspace)
+        report = json.loads((workspace / "metrics.json").read_text())
+        print(result_summary(workspace, report))
+        print(skipped_summary(report), file=sys.stderr, end="")
     if any(r.skipped for r in results):
         raise SystemExit(SKIPPED_EXIT)
 

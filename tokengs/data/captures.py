@@ -46,7 +46,8 @@ import torch
 
 from tokengs import cameras
 from tokengs.data.dl3dv import IMAGE_DIRS, open_nerfstudio_scene
-from tokengs.data.scene import SceneError, SceneMeta, SceneRef, Views, decode_image, image_size, stack_views
+from tokengs.data.scene import (SceneError, SceneMeta, SceneRef, Views, check_frame_size, decode_rgb, image_size,
+                                 stack_views)
 
 FORMATS = ("colmap", "nerfstudio", "instant_ngp", "dl3dv")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -181,11 +182,8 @@ class CaptureScene:
     def image(self, index: int) -> np.ndarray:
         """Frame `index` as an [H, W, 3] array of its stored dtype, undistorted; SceneError naming its file."""
         name = self.meta.frame_names[index]
-        image = decode_image(self._read(index), name)
-        if tuple(image.shape[:2]) != tuple(self.meta.image_hw):
-            (h, w), (h0, w0) = image.shape[:2], self.meta.image_hw
-            raise SceneError(name, f"image is {w}x{h}, the capture's first frame {w0}x{h0} (frames of mixed size)")
-        rgb = image[:, :, :3] if image.shape[2] >= 3 else np.repeat(image, 3, 2)
+        rgb = decode_rgb(self._read(index), name)
+        check_frame_size(rgb, name, self.meta.image_hw)  # before undistortion, whose tables have the first frame's size
         return rgb if self._undistortions is None else self._undistortions[index].apply(rgb)
 
     def views(self, indices: Sequence[int], depth: bool = False) -> Views:
@@ -344,14 +342,16 @@ def _unposed_images(paths: Sequence[Path], metadata: Path) -> List[str]:
             f"({len(extra)} unposed: {shown}); pose them or move them out"]
 
 
-def _folder_capture(name: str, metadata: Path, fmt: str, posed: PosedImages, problems: List[str]) -> CaptureScene:
+def _folder_capture(name: str, metadata: Path, fmt: str, posed: PosedImages, problems: List[str],
+                    hw: Optional[Tuple[int, int]] = None) -> CaptureScene:
     """Posed image files -> an open scene in file-name order, intrinsics scaled to the images' size
-    and undistorted; `problems` (the metadata's own) go with the scene's."""
+    (hw, when the caller has read it already; every frame must have it) and undistorted;
+    `problems` (the metadata's own) go with the scene's."""
     if not posed.paths:
         raise SceneError(metadata, "no frames: it poses no image")
     order = sorted(range(len(posed.paths)), key=lambda i: natural_key(posed.paths[i]))
     paths = [posed.paths[i] for i in order]
-    hw = _first_image_hw(paths, metadata)
+    hw = hw or _first_image_hw(paths, metadata)
     declared = posed.declared_hw[order]
     scale = np.stack([hw[1] / declared[:, 1], hw[0] / declared[:, 0]], -1)
     raw = posed.intrinsics[order] * np.concatenate([scale, scale], -1)
@@ -495,7 +495,7 @@ def _open_transforms(name: str, path: Path, fmt: Optional[str]) -> CaptureScene:
     posed = PosedImages(paths=paths, c2ws=np.array(c2ws).reshape(-1, 4, 4),
                         intrinsics=np.array(intrinsics, dtype=np.float64).reshape(-1, 4),
                         declared_hw=np.array(declared, dtype=np.float64).reshape(-1, 2), lenses=lenses)
-    return _folder_capture(name, metadata, fmt, posed, list(dict.fromkeys(problems)))
+    return _folder_capture(name, metadata, fmt, posed, list(dict.fromkeys(problems)), (height, width))
 
 
 def _open_dl3dv(ref: SceneRef) -> CaptureScene:

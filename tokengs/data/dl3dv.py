@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tokengs import cameras
-from tokengs.data.scene import SceneError, SceneMeta, SceneRef, Views, decode_image, image_size, stack_views
+from tokengs.data.scene import SceneError, SceneMeta, SceneRef, Views, decode_rgb, image_size, stack_views
 
 SUBSETS = tuple(f"{k}K" for k in range(1, 12))
 IMAGE_DIRS = ("images", "images_4")
@@ -65,10 +65,9 @@ class ZipScene:
             raise SceneError(self.meta.path, f"cannot read {member} ({exc})") from None
 
     def rgbs(self, indices: Sequence[int]) -> torch.Tensor:
-        images = [decode_image(self.read(self.members[i]), f"{self.meta.path}:{self.members[i]}") for i in indices]
         names = [f"{self.meta.path}:{self.members[i]}" for i in indices]
-        return stack_views([image[:, :, :3] if image.shape[2] >= 3 else np.repeat(image, 3, 2) for image in images],
-                           names, self.meta.image_hw)
+        images = [decode_rgb(self.read(self.members[i]), name) for i, name in zip(indices, names)]
+        return stack_views(images, names, self.meta.image_hw)
 
     def views(self, indices: Sequence[int], depth: bool = False) -> Views:
         if depth:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tokengs import cameras
-from tokengs.data.scene import SceneError, SceneMeta, SceneRef, Views, decode_image, image_size, stack_views
+from tokengs.data.scene import SceneError, SceneMeta, SceneRef, Views, decode_rgb, image_size, stack_views
 
 
 def _image_bytes(image) -> bytes:
@@ -39,8 +39,7 @@ class ChunkScene:
             raise SceneError(self.meta.path, "RealEstate10K carries no depth; use camera_scale_method distance, "
                                              "bound or constant")
         names = [self.meta.frame_names[i] for i in indices]
-        images = [decode_image(_image_bytes(self.images[i]), name)[:, :, :3]
-                  for i, name in zip(indices, names)]
+        images = [decode_rgb(_image_bytes(self.images[i]), name) for i, name in zip(indices, names)]
         return Views(stack_views(images, names, self.meta.image_hw))
 
     def __enter__(self):

@@ -120,6 +120,19 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     return image
 
 
+def decode_rgb(data: bytes, where: str) -> np.ndarray:
+    """Encoded bytes -> [H, W, 3] of the stored dtype: alpha dropped, a grey image in all three channels."""
+    image = decode_image(data, where)
+    return image[:, :, :3] if image.shape[2] >= 3 else np.repeat(image, 3, 2)
+
+
+def check_frame_size(image: np.ndarray, name: str, expected_hw: Tuple[int, int]) -> None:
+    """SceneError naming the frame when image [H, W, C] is not the scene's (first frame's) size."""
+    if tuple(image.shape[:2]) != tuple(expected_hw):
+        raise SceneError(name, f"image is {image.shape[1]}x{image.shape[0]}, the scene's first frame "
+                               f"{expected_hw[1]}x{expected_hw[0]} (frames of mixed size)")
+
+
 def image_size(data: bytes, where: str) -> Tuple[int, int]:
     """(H, W) of an encoded image from its header, without decoding the pixels."""
     from io import BytesIO
@@ -138,9 +151,7 @@ def stack_views(images: Sequence[np.ndarray], names: Sequence[str], expected_hw:
     """[H, W, C] arrays of one dtype -> [V, C, H, W] float32 tensor, integers scaled to [0, 1] by
     their dtype's range; raises SceneError for a frame of another size."""
     for image, name in zip(images, names):
-        if tuple(image.shape[:2]) != tuple(expected_hw):
-            raise SceneError(name, f"image is {image.shape[1]}x{image.shape[0]}, the scene's first frame "
-                                   f"{expected_hw[1]}x{expected_hw[0]} (frames of mixed size)")
+        check_frame_size(image, name, expected_hw)
     if len({image.dtype for image in images}) > 1:  # e.g. 8- and 16-bit PNGs in one scene
         images = [_unit_float(image) for image in images]
     # One pass per frame: copy_ converts the dtype and the HWC -> CHW layout together.
