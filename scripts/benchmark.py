@@ -81,6 +81,7 @@ from tokengs.models import TokenGS  # noqa: E402
 from tokengs.models.checkpoint import preset_manifest, save_model  # noqa: E402
 from tokengs.options import Options, get_preset  # noqa: E402
 from tokengs.rendering import render_chunked  # noqa: E402
+from tokengs.rendering.common import tile_pairs  # noqa: E402
 from tokengs.startup import build_model  # noqa: E402
 from tokengs.train import build_optimizer  # noqa: E402
 from tokengs.ttt import test_time_tune  # noqa: E402
@@ -539,15 +540,10 @@ def tile_statistics(opt, model: TokenGS, batch: Batch) -> dict:
     rasterizer sorts at the options' tile size (their bounding boxes clipped to the image), and
     the share of the pixels they cover (accumulated alpha of at least one half)."""
     out = render_chunked(opt, model.gaussians(batch), batch.target)
-    radii, centers = out.radii.float(), out.means2d.float()  # [B, V, N, 2]
+    radii = out.radii.float()  # [B, V, N, 2]
     visible = (radii > 0).all(-1)
-    tile = opt.render_tile_size
-    grid = torch.tensor([math.ceil(opt.img_size[1] / tile), math.ceil(opt.img_size[0] / tile)], device=radii.device)
-    first = torch.minimum(torch.maximum(((centers - radii) / tile).floor(), torch.zeros_like(grid)), grid)
-    last = torch.minimum(torch.maximum(((centers + radii) / tile).ceil(), torch.zeros_like(grid)), grid)
-    pairs = (last - first).prod(-1) * visible
     return {"mean_radius_px": float(radii.amax(-1)[visible].mean()) if visible.any() else 0.0,
-            "tile_pairs_per_view": float(pairs.sum() / (radii.shape[0] * radii.shape[1])),
+            "tile_pairs_per_view": float(tile_pairs(out.means2d, out.radii, opt.img_size, opt.render_tile_size).mean()),
             "coverage": float((out.alphas >= 0.5).float().mean())}
 
 

@@ -137,6 +137,64 @@ def test_batched_render_equals_separate_renders_and_view_chunks():
     assert out.alphas.mean() > 0.2  # the scene covers a good part of the images
 
 
+def test_tile_pairs_count_the_tiles_each_box_touches_clipped_to_the_image():
+    """A 40 x 24 image of 16-px tiles (3 x 2): boxes inside one tile, across two, over the corner,
+    partly before the image, wholly past it, and culled."""
+    from tokengs.rendering.common import tile_pairs
+
+    means2d = torch.tensor([[8.0, 8.0], [16.0, 8.0], [38.0, 20.0], [-5.0, -5.0], [100.0, 100.0], [8.0, 8.0]])
+    radii = torch.tensor([[4, 4], [1, 1], [20, 20], [10, 10], [3, 3], [0, 0]], dtype=torch.int32)
+    expected = 1 + 2 + 4 + 1 + 0 + 0
+    pairs = tile_pairs(torch.stack([means2d, means2d + 16]), torch.stack([radii, radii]), (24, 40), tile_size=16)
+    assert pairs.tolist() == [expected, 1 + 2 + 1 + 4 + 0 + 0]  # shifted one tile: the corner box clips, the early one fits
+    assert tile_pairs(means2d, radii, (24, 40), tile_size=32).item() == 1 + 1 + 2 + 1
+
+
+def test_gsplat_calls_are_planned_within_the_pair_limit_and_cover_every_camera_once():
+    from tokengs.rendering.gsplat_backend import plan_calls
+
+    pairs = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 1.0]])  # scenes of 3, 7 and 11 pairs
+    whole = slice(0, 2)
+    assert plan_calls(pairs, 100) == [(slice(0, 3), whole)]
+    assert plan_calls(pairs, 10) == [(slice(0, 2), whole), (slice(2, 3), slice(0, 1)), (slice(2, 3), slice(1, 2))]
+    assert plan_calls(pairs, 5) == [(slice(0, 1), whole), (slice(1, 2), slice(0, 1)), (slice(1, 2), slice(1, 2)),
+                                    (slice(2, 3), slice(0, 1)), (slice(2, 3), slice(1, 2))]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        pairs = torch.randint(0, 20, (4, 5), generator=generator).double()
+        limit = int(torch.randint(1, 120, (1,), generator=generator))
+        calls = plan_calls(pairs, limit)
+        cameras = [(b, v) for scenes, views in calls for b in range(4)[scenes] for v in range(5)[views]]
+        assert cameras == [(b, v) for b in range(4) for v in range(5)]  # each once, scene-major
+        for scenes, views in calls:
+            assert pairs[scenes, views].sum() <= limit or (scenes.stop - scenes.start == 1 and views.stop - views.start == 1)
+
+
+def test_gsplat_calls_stitch_back_into_the_batch(monkeypatch):
+    """The gsplat backend's calls, rendered here by the PyTorch rasterizer (gsplat needs CUDA), come
+    back as one render of the whole batch: scenes split, views chunked, scenes grouped."""
+    from tokengs.rendering import gsplat_backend, torch_backend
+
+    scene = random_scene("calls", 3, 200, 4, (24, 40), seed=5, scale_range=(0.03, 0.15))
+    background = background_tensor(scene.bg_color, scene.gaussians.means)
+    args = (scene.gaussians, scene.w2c, scene.intrinsics, scene.image_hw, background, scene.znear, scene.zfar)
+    pairs = torch.tensor([[5.0, 1, 1, 1], [1, 1, 1, 1], [2, 2, 2, 2]])
+    calls = []
+    monkeypatch.setattr(gsplat_backend, "count_tile_pairs", lambda *a: pairs)
+    monkeypatch.setattr(gsplat_backend, "_rasterize", lambda g, w2c, *a: calls.append(tuple(w2c.shape[:2])) or
+                        torch_backend.render_torch(g, w2c, *a))
+    for limit, shapes in ((100, [(3, 4)]), (6, [(1, 2), (1, 2), (1, 4), (1, 3), (1, 1)]), (4, [(1, 1), (1, 3), (1, 4),
+                                                                                              (1, 2), (1, 2)])):
+        calls.clear()
+        monkeypatch.setattr(gsplat_backend, "MAX_PAIRS_PER_CALL", limit)
+        out = gsplat_backend.render_gsplat(*args)
+        assert calls == shapes
+        whole = torch_backend.render_torch(*args)
+        assert torch.equal(out.radii, whole.radii), limit
+        for name in ("images", "alphas", "depths", "means2d"):  # batched sums may round differently
+            torch.testing.assert_close(getattr(out, name), getattr(whole, name), rtol=1e-5, atol=1e-5, msg=(limit, name))
+
+
 def test_gradients_match_finite_differences_for_every_field():
     torch.manual_seed(0)
     means = torch.tensor([[0.0, 0.0, 2.0], [0.1, -0.05, 2.5], [-0.1, 0.1, 3.0], [0.05, 0.05, 1.5]], dtype=torch.float64)

@@ -6,6 +6,7 @@ uses them so that the two backends compute the same image from the same Gaussian
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Sequence, Union
 
@@ -67,3 +68,16 @@ def background_tensor(bg_color: BgColor, like: Tensor) -> Tensor:
     else:
         bg = bg.to(like.device)
     return bg
+
+
+def tile_pairs(means2d: Tensor, radii: Tensor, image_hw: tuple[int, int], tile_size: int = TILE_SIZE) -> Tensor:
+    """The (Gaussian, tile) pairs a tile rasterizer sorts for each camera: means2d [..., N, 2] and
+    radii [..., N, 2] (px; 0 where culled) -> [...] float64. A Gaussian counts the tiles its
+    center +- radius box touches, clipped to the image (gsplat's rule)."""
+    height, width = image_hw
+    grid = torch.tensor([math.ceil(width / tile_size), math.ceil(height / tile_size)], device=radii.device)
+    radii, centers = radii.float(), means2d.float()
+    first = torch.minimum(((centers - radii) / tile_size).floor().clamp(min=0), grid)
+    last = torch.minimum(((centers + radii) / tile_size).ceil().clamp(min=0), grid)
+    pairs = (last - first).prod(-1) * (radii > 0).all(-1)
+    return pairs.sum(-1, dtype=torch.float64)

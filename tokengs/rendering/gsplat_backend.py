@@ -1,4 +1,4 @@
-"""gsplat 1.5.3 on CUDA: one `rasterization` call per scene, all of its views at once."""
+"""gsplat 1.5.3 on CUDA: a batch's cameras in as few `rasterization` calls as memory allows."""
 
 from __future__ import annotations
 
@@ -6,37 +6,92 @@ import torch
 from torch import Tensor
 
 from ..gaussians import Gaussians
-from .common import EPS2D, TILE_SIZE, RenderOutput, intrinsics_matrices
+from .common import EPS2D, TILE_SIZE, RenderOutput, intrinsics_matrices, tile_pairs
+
+# gsplat sorts every (Gaussian, tile) pair of a call together, about 24 bytes each (keys, ids and
+# their sorted copies): up to this many pairs (~13 GB) go in one call. One call for the whole
+# batch keeps the most tiles in flight (per-view calls took 1.5x the time on an H200); beyond the
+# limit each call takes whole scenes, and a scene past it alone takes its views in chunks.
+MAX_PAIRS_PER_CALL = 2**29
 
 
 def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
                   background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE) -> RenderOutput:
-    """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput.
+    """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput."""
+    pairs = count_tile_pairs(gaussians, w2c, intrinsics, image_hw, znear, zfar, tile_size)
+    calls = plan_calls(pairs, MAX_PAIRS_PER_CALL)
+    per_scene: list[tuple[slice, list[RenderOutput]]] = []
+    for scenes, views in calls:
+        out = _rasterize(gaussians.map(lambda t: t[scenes]), w2c[scenes, views], intrinsics[scenes, views], image_hw,
+                         background, znear, zfar, tile_size)
+        if per_scene and per_scene[-1][0] == scenes:  # the next views of the same scene
+            per_scene[-1][1].append(out)
+        else:
+            per_scene.append((scenes, [out]))
+    parts = [views[0] if len(views) == 1 else RenderOutput.cat(views, dim=1) for _, views in per_scene]
+    return parts[0] if len(parts) == 1 else RenderOutput.cat(parts, dim=0)
 
-    Scene by scene: gsplat sorts every (Gaussian, tile) pair of a call at once, in buffers of
-    about 24 bytes per pair, so one call over all B·V cameras would hold B times the sort buffers
-    of one scene (large Gaussians reach 10^8 pairs per view). What a call keeps for backward is
-    the same either way.
-    """
-    scenes = [_render_scene(gaussians.scene(b), w2c[b], intrinsics[b], image_hw, background, znear, zfar,
-                            tile_size) for b in range(w2c.shape[0])]
-    return RenderOutput.stack(scenes)
+
+@torch.no_grad()
+def count_tile_pairs(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
+                     znear: float, zfar: float, tile_size: int = TILE_SIZE) -> Tensor:
+    """The pairs `rasterization` would sort per camera -> [B, V] on the CPU (gsplat's own projection)."""
+    from gsplat import fully_fused_projection
+
+    height, width = image_hw
+    radii, means2d, *_ = fully_fused_projection(
+        gaussians.means, None, gaussians.quats, gaussians.scales, w2c, intrinsics_matrices(intrinsics), width, height,
+        eps2d=EPS2D, near_plane=znear, far_plane=zfar, opacities=gaussians.opacities)
+    return tile_pairs(means2d, radii, image_hw, tile_size).cpu()
 
 
-def _render_scene(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
-                  background: Tensor, znear: float, zfar: float, tile_size: int) -> RenderOutput:
-    """One scene: Gaussians [N], w2c [V, 4, 4], intrinsics [V, 4] -> RenderOutput of [V, ...] tensors."""
+def plan_calls(pairs: Tensor, max_pairs: int) -> list[tuple[slice, slice]]:
+    """Cameras per call from the pairs of each [B, V] -> (scenes, views) slices, scene-major:
+    consecutive whole scenes while their pairs stay within max_pairs; a scene above it alone, its
+    consecutive views in chunks within max_pairs (at least one view each)."""
+    num_scenes, num_views = pairs.shape
+    per_scene = pairs.sum(1).tolist()
+    calls, start = [], 0
+    while start < num_scenes:
+        stop, total = start + 1, per_scene[start]
+        while stop < num_scenes and total + per_scene[stop] <= max_pairs:
+            total += per_scene[stop]
+            stop += 1
+        if total <= max_pairs or stop - start > 1:
+            calls.append((slice(start, stop), slice(0, num_views)))
+        else:
+            calls += [(slice(start, stop), views) for views in _view_chunks(pairs[start].tolist(), max_pairs)]
+        start = stop
+    return calls
+
+
+def _view_chunks(pairs: list[float], max_pairs: int) -> list[slice]:
+    chunks, start = [], 0
+    while start < len(pairs):
+        stop, total = start + 1, pairs[start]
+        while stop < len(pairs) and total + pairs[stop] <= max_pairs:
+            total += pairs[stop]
+            stop += 1
+        chunks.append(slice(start, stop))
+        start = stop
+    return chunks
+
+
+def _rasterize(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
+               background: Tensor, znear: float, zfar: float, tile_size: int) -> RenderOutput:
+    """One call: Gaussians [b, N] into cameras w2c [b, v, 4, 4] (gsplat's leading batch dims)."""
     from gsplat import rasterization  # imported here: the package needs CUDA to run
 
     height, width = image_hw
+    batch, views = w2c.shape[:2]
     rendered, alphas, meta = rasterization(
         means=gaussians.means, quats=gaussians.quats, scales=gaussians.scales, opacities=gaussians.opacities,
         colors=gaussians.colors, viewmats=w2c, Ks=intrinsics_matrices(intrinsics), width=width, height=height,
         near_plane=znear, far_plane=zfar, eps2d=EPS2D, packed=False, render_mode="RGB+ED",
-        backgrounds=background.expand(w2c.shape[0], 3), tile_size=tile_size,
-    )  # rendered [V, H, W, 4], alphas [V, H, W, 1]
-    radii = meta["radii"]  # [V, N, 2] int32, 0 where culled
+        backgrounds=background.expand(batch, views, 3), tile_size=tile_size,
+    )  # rendered [b, v, H, W, 4], alphas [b, v, H, W, 1]
+    radii = meta["radii"]  # [b, v, N, 2] int32, 0 where culled
     # gsplat leaves means2d of culled Gaussians uninitialised; zero them as the torch backend does
     means2d = torch.where((radii > 0).all(-1, keepdim=True), meta["means2d"], torch.zeros_like(meta["means2d"]))
-    return RenderOutput(images=rendered[..., :3].permute(0, 3, 1, 2), alphas=alphas.permute(0, 3, 1, 2),
-                        depths=rendered[..., 3:].permute(0, 3, 1, 2), means2d=means2d, radii=radii)
+    return RenderOutput(images=rendered[..., :3].permute(0, 1, 4, 2, 3), alphas=alphas.permute(0, 1, 4, 2, 3),
+                        depths=rendered[..., 3:].permute(0, 1, 4, 2, 3), means2d=means2d, radii=radii)
