@@ -139,10 +139,10 @@ def test_batched_render_equals_separate_renders_and_view_chunks():
 
 def test_tile_pairs_count_the_tiles_each_box_touches_clipped_to_the_image():
     """A 40 x 24 image of 16-px tiles (3 x 2): boxes inside one tile, across two, over the corner,
-    partly before the image, wholly past it, and culled."""
+    partly before the image, wholly past it, and culled (its center left as gsplat leaves it)."""
     from tokengs.rendering.common import tile_pairs
 
-    means2d = torch.tensor([[8.0, 8.0], [16.0, 8.0], [38.0, 20.0], [-5.0, -5.0], [100.0, 100.0], [8.0, 8.0]])
+    means2d = torch.tensor([[8.0, 8.0], [16.0, 8.0], [38.0, 20.0], [-5.0, -5.0], [100.0, 100.0], [math.nan, 8.0]])
     radii = torch.tensor([[4, 4], [1, 1], [20, 20], [10, 10], [3, 3], [0, 0]], dtype=torch.int32)
     expected = 1 + 2 + 4 + 1 + 0 + 0
     pairs = tile_pairs(torch.stack([means2d, means2d + 16]), torch.stack([radii, radii]), (24, 40), tile_size=16)

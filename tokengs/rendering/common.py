@@ -72,12 +72,13 @@ def background_tensor(bg_color: BgColor, like: Tensor) -> Tensor:
 
 def tile_pairs(means2d: Tensor, radii: Tensor, image_hw: tuple[int, int], tile_size: int = TILE_SIZE) -> Tensor:
     """The (Gaussian, tile) pairs a tile rasterizer sorts for each camera: means2d [..., N, 2] and
-    radii [..., N, 2] (px; 0 where culled) -> [...] float64. A Gaussian counts the tiles its
-    center +- radius box touches, clipped to the image (gsplat's rule)."""
+    radii [..., N, 2] (px; 0 where culled, where means2d may be anything: gsplat leaves it
+    uninitialised) -> [...] float64. A Gaussian counts the tiles its center +- radius box touches,
+    clipped to the image (gsplat's rule)."""
     height, width = image_hw
     grid = torch.tensor([math.ceil(width / tile_size), math.ceil(height / tile_size)], device=radii.device)
     radii, centers = radii.float(), means2d.float()
     first = torch.minimum(((centers - radii) / tile_size).floor().clamp(min=0), grid)
     last = torch.minimum(((centers + radii) / tile_size).ceil().clamp(min=0), grid)
-    pairs = (last - first).prod(-1) * (radii > 0).all(-1)
+    pairs = torch.where((radii > 0).all(-1), (last - first).prod(-1), 0.0)
     return pairs.sum(-1, dtype=torch.float64)
