@@ -99,7 +99,7 @@ def test_visibility_loss_gradient_is_finite_for_a_center_in_a_camera_plane():
         excess = (torch.relu((2 * u / 20 - 1).abs() - 1) + torch.relu((2 * v / 20 - 1).abs() - 1)).min(-1).values
         naive = (excess.clamp(max=threshold) if threshold > 0 else excess).mean()
         (naive_grad,) = torch.autograd.grad(naive, means)
-        assert loss.item() == pytest.approx(naive.item(), rel=1e-12)
+        assert loss.item() == naive.item()  # the same operations in the same order: the same bits
         assert torch.isnan(naive_grad[0, 0]).any()  # what the plain division gave
         torch.testing.assert_close(grad[0, 1:], naive_grad[0, 1:])
 

@@ -72,9 +72,10 @@ def visibility_loss(means: Tensor, w2c: Tensor, intrinsics: Tensor, image_hw: tu
     height, width = image_hw
     cam = torch.einsum("bvij,bnj->bvni", w2c[..., :3, :3], means) + w2c[:, :, None, :3, 3]  # [B, V, N, 3]
     fx, fy, cx, cy = (c[:, :, None] for c in intrinsics.unbind(-1))
-    x_over_z, y_over_z = _divide_by_depth(cam[..., :2], cam[..., 2:])
-    u = torch.nan_to_num(fx * x_over_z + cx, nan=0.0, posinf=UNPROJECTABLE, neginf=-UNPROJECTABLE)
-    v = torch.nan_to_num(fy * y_over_z + cy, nan=0.0, posinf=UNPROJECTABLE, neginf=-UNPROJECTABLE)
+    # (f·x) / z, in the release's order of operations
+    u, v = _divide_by_depth(torch.stack([fx * cam[..., 0], fy * cam[..., 1]], dim=-1), cam[..., 2:])
+    u = torch.nan_to_num(u + cx, nan=0.0, posinf=UNPROJECTABLE, neginf=-UNPROJECTABLE)
+    v = torch.nan_to_num(v + cy, nan=0.0, posinf=UNPROJECTABLE, neginf=-UNPROJECTABLE)
     u_n, v_n = 2 * u / width - 1, 2 * v / height - 1
     excess = torch.relu(u_n.abs() - 1) + torch.relu(v_n.abs() - 1)  # [B, V, N]
     nearest = excess.min(dim=1).values  # [B, N]
@@ -84,8 +85,8 @@ def visibility_loss(means: Tensor, w2c: Tensor, intrinsics: Tensor, image_hw: tu
 
 
 def _divide_by_depth(xy: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """xy / z, split into x/z and y/z, with the plain quotient's values (±inf or NaN where z is 0)
-    and a gradient only where the quotient is finite. A center in a camera's plane (z exactly 0,
+    """xy [..., 2] / z [..., 1], split into its two columns, with the plain quotient's values (±inf
+    or NaN where z is 0) and a gradient only where the quotient is finite. A center in a camera's plane (z exactly 0,
     which bf16 means hit about once in 20 training steps) otherwise makes the division's backward
     0·x/0² = NaN even though the term is clamped there, and that NaN reached every weight."""
     quotient = xy / z
