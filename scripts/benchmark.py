@@ -81,7 +81,7 @@ from tokengs.models import TokenGS  # noqa: E402
 from tokengs.models.checkpoint import preset_manifest, save_model  # noqa: E402
 from tokengs.options import Options, get_preset  # noqa: E402
 from tokengs.rendering import render_chunked  # noqa: E402
-from tokengs.rendering.common import tile_pairs  # noqa: E402
+from tokengs.rendering.common import AUTO_TILE, LARGE_TILE, TILE_SIZE, choose_tile_size, tile_pairs  # noqa: E402
 from tokengs.startup import build_model  # noqa: E402
 from tokengs.train import build_optimizer  # noqa: E402
 from tokengs.ttt import test_time_tune  # noqa: E402
@@ -536,14 +536,18 @@ def case_step(kind: str, model: TokenGS, batch: Batch, opt: Options, device: tor
 @torch.no_grad()
 def tile_statistics(opt, model: TokenGS, batch: Batch) -> dict:
     """What rendering the case's Gaussians costs, in the batch's target views: the mean screen
-    radius (px) of the Gaussians in view, the (Gaussian, tile) pairs per view that the
-    rasterizer sorts at the options' tile size (their bounding boxes clipped to the image), and
-    the share of the pixels they cover (accumulated alpha of at least one half)."""
+    radius (px) of the Gaussians in view, the tile edge gsplat renders them with (`tile_px`), the
+    (Gaussian, tile) pairs per view it sorts (their bounding boxes clipped to the image), and the
+    share of the pixels they cover (accumulated alpha of at least one half)."""
     out = render_chunked(opt, model.gaussians(batch), batch.target)
     radii = out.radii.float()  # [B, V, N, 2]
     visible = (radii > 0).all(-1)
-    return {"mean_radius_px": float(radii.amax(-1)[visible].mean()) if visible.any() else 0.0,
-            "tile_pairs_per_view": float(tile_pairs(out.means2d, out.radii, opt.img_size, opt.render_tile_size).mean()),
+    pairs = lambda size: tile_pairs(out.means2d, out.radii, opt.img_size, size)  # [B, V]
+    tile = opt.render_tile_size
+    if tile == AUTO_TILE:  # as the gsplat backend picks it for these cameras
+        tile = choose_tile_size(pairs(TILE_SIZE), pairs(LARGE_TILE))
+    return {"mean_radius_px": float(radii.amax(-1)[visible].mean()) if visible.any() else 0.0, "tile_px": tile,
+            "tile_pairs_per_view": float(pairs(tile).mean()),
             "coverage": float((out.alphas >= 0.5).float().mean())}
 
 
@@ -568,15 +572,15 @@ def opt_name(case: Case, smoke: bool) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ["case", "gaussians", "median ms", "min", "max", "peak GiB", "TFLOP/s", "radius px", "pairs/view",
-            "covered", "release ms (own batch)", "vs release"]
+    head = ["case", "gaussians", "median ms", "min", "max", "peak GiB", "TFLOP/s", "radius px", "tile px",
+            "pairs/view", "covered", "release ms (own batch)", "vs release"]
     rows = [head]
     for r in results:
         ratio = f"{r['release_ms'] / r['median_ms']:.2f}x" if r["release_ms"] else "-"
         rows.append([r["case"], r["gaussians"], f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_ms']:.1f}",
                      "-" if math.isnan(r["peak_gib"]) else f"{r['peak_gib']:.1f}",
                      "-" if r["model_tflops"] is None else f"{r['model_tflops']:.1f}",
-                     f"{r['mean_radius_px']:.0f}", f"{r['tile_pairs_per_view']:.3g}",
+                     f"{r['mean_radius_px']:.0f}", str(r["tile_px"]), f"{r['tile_pairs_per_view']:.3g}",
                      f"{r['coverage']:.0%}", str(r["release_ms"] or "-"), ratio])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
@@ -603,7 +607,9 @@ def main(argv=None) -> int:
     parser.add_argument("--activation_checkpointing", action="store_true",
                         help="recompute the backbone's blocks in backward (less memory, more time)")
     parser.add_argument("--compile_blocks", action="store_true", help="torch.compile each backbone block")
-    parser.add_argument("--render_tile_size", type=int, default=16, help="gsplat's tile edge (16 is gsplat's default)")
+    parser.add_argument("--render_tile_size", type=int, default=AUTO_TILE,
+                        help="gsplat's tile edge: 16 (gsplat's default), 32, or 0 (the options' default: 16 or 32 "
+                             "per render, as the Gaussians' size calls for)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.smoke and device.type != "cuda":

@@ -180,7 +180,7 @@ def test_gsplat_calls_stitch_back_into_the_batch(monkeypatch):
     args = (scene.gaussians, scene.w2c, scene.intrinsics, scene.image_hw, background, scene.znear, scene.zfar)
     pairs = torch.tensor([[5.0, 1, 1, 1], [1, 1, 1, 1], [2, 2, 2, 2]])
     calls = []
-    monkeypatch.setattr(gsplat_backend, "count_tile_pairs", lambda *a: pairs)
+    monkeypatch.setattr(gsplat_backend, "count_tile_pairs", lambda *a, sizes: pairs[None])  # [tile sizes, B, V]
     monkeypatch.setattr(gsplat_backend, "_rasterize", lambda g, w2c, *a: calls.append(tuple(w2c.shape[:2])) or
                         torch_backend.render_torch(g, w2c, *a))
     for limit, shapes in ((100, [(3, 4)]), (6, [(1, 2), (1, 2), (1, 4), (1, 3), (1, 1)]), (4, [(1, 1), (1, 3), (1, 4),
@@ -193,6 +193,32 @@ def test_gsplat_calls_stitch_back_into_the_batch(monkeypatch):
         assert torch.equal(out.radii, whole.radii), limit
         for name in ("images", "alphas", "depths", "means2d"):  # batched sums may round differently
             torch.testing.assert_close(getattr(out, name), getattr(whole, name), rtol=1e-5, atol=1e-5, msg=(limit, name))
+
+
+def test_automatic_tile_size_is_32_only_for_gaussians_much_larger_than_a_tile(monkeypatch):
+    """render_tile_size 0: the pairs at 16 and 32 px decide (at least LARGE_TILE_PAIR_RATIO times
+    as many at 16), and the calls are planned with the chosen size's pairs."""
+    from tokengs.rendering import gsplat_backend, torch_backend
+    from tokengs.rendering.common import AUTO_TILE, LARGE_TILE_PAIR_RATIO
+
+    scene = random_scene("auto", 2, 50, 2, (24, 40), seed=6, scale_range=(0.03, 0.15))
+    background = background_tensor(scene.bg_color, scene.gaussians.means)
+    args = (scene.gaussians, scene.w2c, scene.intrinsics, scene.image_hw, background, scene.znear, scene.zfar)
+    seen = []
+    monkeypatch.setattr(gsplat_backend, "_rasterize", lambda g, w2c, i, hw, bg, zn, zf, tile: seen.append(
+        (tile, tuple(w2c.shape[:2]))) or torch_backend.render_torch(g, w2c, i, hw, bg, zn, zf, tile))
+    monkeypatch.setattr(gsplat_backend, "MAX_PAIRS_PER_CALL", 10)
+    large = torch.full((2, 2), 3.0)  # 12 pairs at 32 px: two calls; at 16 px, 5 a camera: one call a scene
+    for small, expected in ((large * LARGE_TILE_PAIR_RATIO, [(32, (1, 2)), (32, (1, 2))]),
+                            (torch.full((2, 2), 5.0), [(16, (1, 2)), (16, (1, 2))]),
+                            (torch.full((2, 2), 2.0), [(16, (2, 2))])):
+        counted, seen[:] = [], []
+        monkeypatch.setattr(gsplat_backend, "count_tile_pairs",
+                            lambda *a, sizes: counted.append(sizes) or torch.stack([small, large])[:len(sizes)])
+        gsplat_backend.render_gsplat(*args, AUTO_TILE)
+        assert counted == [(16, 32)] and seen == expected, (small, seen)
+    gsplat_backend.render_gsplat(*args, 16)
+    assert counted[-1] == (16,) and seen[-1][0] == 16
 
 
 def test_gradients_match_finite_differences_for_every_field():

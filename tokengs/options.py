@@ -223,8 +223,8 @@ class Options:
     """Rasterizer: gsplat on CUDA, the pure-PyTorch one on the CPU; auto picks by device."""
     # Speed and memory only: a Gaussian's tile list is its opacity-aware bounding box, outside of which its
     # alpha is below 1/255 and skipped, so any tile size renders the same image.
-    render_tile_size: int = 16
-    """The rasterizer's tile edge in pixels; large Gaussians (fresh models) render faster with 32."""
+    render_tile_size: int = 0
+    """The rasterizer's tile edge in pixels; 0 picks 16 or 32 per render (32 for Gaussians much larger than a tile)."""
     eval_metrics: Tuple[str, ...] = ("psnr", "ssim", "lpips")
     """Metrics evaluation computes; drop lpips when its VGG weights are not available."""
     eval_render_chunk_size: int = 8
@@ -370,7 +370,7 @@ DOMAINS: Dict[str, Domain] = {
                     _COUNT_OR_ZERO),
     "seed": Domain(0, 2**32 - 1, integer=True),  # numpy's seeds
     # gsplat runs one CUDA block of tile_size² threads per tile, at most 1024 threads
-    "render_tile_size": Domain(1, 32, integer=True),
+    "render_tile_size": Domain(0, 32, integer=True),
     **dict.fromkeys(("gaussian_scale_cap", "znear", "zfar", "lr", "final_div_factor", "ttt_lr"), _POSITIVE),
     **dict.fromkeys(("clip_head_readout_std", "clip_head_z_init", "dec_init_values", "gs_token_std", "gradient_clip",
                      "lambda_rgb", "lambda_lpips", "lambda_mask", "lambda_ssim", "lambda_visibility",

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..data.types import Views
 from ..gaussians import Gaussians
-from .common import TILE_SIZE, BgColor, RenderOutput, background_tensor, intrinsics_matrices
+from .common import AUTO_TILE, BgColor, RenderOutput, background_tensor, intrinsics_matrices
 from .gsplat_backend import render_gsplat
 from .torch_backend import render_torch
 
@@ -31,13 +31,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def render(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int], bg_color: BgColor,
            znear: float, zfar: float, backend: str = "auto", view_chunk_size: Optional[int] = None,
-           tile_size: int = TILE_SIZE) -> RenderOutput:
+           tile_size: int = AUTO_TILE) -> RenderOutput:
     """Render Gaussians [B, N] into cameras [B, V].
 
     w2c: [B, V, 4, 4] world-to-camera (OpenCV axes); intrinsics: [B, V, 4] (fx, fy, cx, cy) in pixels;
     image_hw: (H, W); bg_color: [3]. view_chunk_size renders that many views per call (bounds memory
     for many views, e.g. evaluation's 50 targets); None renders all views at once. tile_size: the
-    rasterizer's tile edge in pixels (speed and memory only).
+    rasterizer's tile edge in pixels, AUTO_TILE (0) to let gsplat's backend pick 16 or 32 (speed and
+    memory only).
     Rendering runs in float32 (float64 stays float64, for gradient checks) with autocast off.
     """
     device = gaussians.means.device

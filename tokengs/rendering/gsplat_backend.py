@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..gaussians import Gaussians
-from .common import EPS2D, TILE_SIZE, RenderOutput, intrinsics_matrices, tile_pairs
+from .common import AUTO_TILE, EPS2D, LARGE_TILE, TILE_SIZE, RenderOutput, choose_tile_size, intrinsics_matrices, tile_pairs
 
 # gsplat sorts every (Gaussian, tile) pair of a call together, about 24 bytes each (keys, ids and
 # their sorted copies): up to this many pairs (~13 GB) go in one call. One call for the whole
@@ -17,9 +17,13 @@ MAX_PAIRS_PER_CALL = 2**29
 
 def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
                   background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE) -> RenderOutput:
-    """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput."""
-    pairs = count_tile_pairs(gaussians, w2c, intrinsics, image_hw, znear, zfar, tile_size)
-    calls = plan_calls(pairs, MAX_PAIRS_PER_CALL)
+    """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput.
+    tile_size AUTO_TILE: 16 or 32 pixels, as `choose_tile_size` picks for these cameras."""
+    sizes = (TILE_SIZE, LARGE_TILE) if tile_size == AUTO_TILE else (tile_size,)
+    pairs = dict(zip(sizes, count_tile_pairs(gaussians, w2c, intrinsics, image_hw, znear, zfar, sizes=sizes)))
+    if tile_size == AUTO_TILE:
+        tile_size = choose_tile_size(pairs[TILE_SIZE], pairs[LARGE_TILE])
+    calls = plan_calls(pairs[tile_size], MAX_PAIRS_PER_CALL)
     per_scene: list[tuple[slice, list[RenderOutput]]] = []
     for scenes, views in calls:
         out = _rasterize(gaussians.map(lambda t: t[scenes]), w2c[scenes, views], intrinsics[scenes, views], image_hw,
@@ -34,15 +38,16 @@ def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_h
 
 @torch.no_grad()
 def count_tile_pairs(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
-                     znear: float, zfar: float, tile_size: int = TILE_SIZE) -> Tensor:
-    """The pairs `rasterization` would sort per camera -> [B, V] on the CPU (gsplat's own projection)."""
+                     znear: float, zfar: float, sizes: tuple[int, ...] = (TILE_SIZE,)) -> Tensor:
+    """The pairs `rasterization` would sort per camera at each tile size -> [len(sizes), B, V]
+    on the CPU (gsplat's own projection; one copy to the host)."""
     from gsplat import fully_fused_projection
 
     height, width = image_hw
     radii, means2d, *_ = fully_fused_projection(
         gaussians.means, None, gaussians.quats, gaussians.scales, w2c, intrinsics_matrices(intrinsics), width, height,
         eps2d=EPS2D, near_plane=znear, far_plane=zfar, opacities=gaussians.opacities)
-    return tile_pairs(means2d, radii, image_hw, tile_size).cpu()
+    return torch.stack([tile_pairs(means2d, radii, image_hw, size) for size in sizes]).cpu()
 
 
 def plan_calls(pairs: Tensor, max_pairs: int) -> list[tuple[slice, slice]]:

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..gaussians import Gaussians
-from .common import (ALPHA_THRESHOLD, EPS2D, FRUSTUM_MARGIN, MAX_ALPHA, MAX_EXTEND, TILE_SIZE,
+from .common import (ALPHA_THRESHOLD, AUTO_TILE, EPS2D, FRUSTUM_MARGIN, MAX_ALPHA, MAX_EXTEND, TILE_SIZE,
                      TRANSMITTANCE_THRESHOLD, RenderOutput)
 
 # Pixel x Gaussian pairs evaluated at once; about a dozen float tensors of this size live in a
@@ -194,7 +194,9 @@ def rasterize_view(means2d: Tensor, conics: Tensor, opacities: Tensor, features:
 
 def render_torch(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
                  background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE) -> RenderOutput:
-    """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput."""
+    """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput.
+    tile_size AUTO_TILE renders with TILE_SIZE (the choice is gsplat's)."""
+    tile_size = TILE_SIZE if tile_size == AUTO_TILE else tile_size
     proj = project_gaussians(gaussians, w2c, intrinsics, image_hw, znear, zfar)
     num_views = w2c.shape[1]
     views = []
