@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from ..gaussians import Gaussians
-from .common import AUTO_TILE, EPS2D, LARGE_TILE, TILE_SIZE, RenderOutput, choose_tile_size, intrinsics_matrices, tile_pairs
+from .common import (AUTO_TILE, EPS2D, LARGE_TILE, TILE_SIZE, RenderOutput, choose_tile_size, intrinsics_matrices,
+                     tile_pairs)
 
 # gsplat sorts every (Gaussian, tile) pair of a call together, about 24 bytes each (keys, ids and
 # their sorted copies): up to this many pairs (~13 GB) go in one call. One call for the whole
