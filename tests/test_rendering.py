@@ -151,7 +151,7 @@ def test_tile_pairs_count_the_tiles_each_box_touches_clipped_to_the_image():
 
 
 def test_gsplat_calls_are_planned_within_the_pair_limit_and_cover_every_camera_once():
-    from tokengs.rendering.gsplat_backend import plan_calls
+    from tokengs.rendering.gsplat_backend import call_limits, plan_calls
 
     pairs = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 1.0]])  # scenes of 3, 7 and 11 pairs
     whole = slice(0, 2)
@@ -159,15 +159,21 @@ def test_gsplat_calls_are_planned_within_the_pair_limit_and_cover_every_camera_o
     assert plan_calls(pairs, 10) == [(slice(0, 2), whole), (slice(2, 3), slice(0, 1)), (slice(2, 3), slice(1, 2))]
     assert plan_calls(pairs, 5) == [(slice(0, 1), whole), (slice(1, 2), slice(0, 1)), (slice(1, 2), slice(1, 2)),
                                     (slice(2, 3), slice(0, 1)), (slice(2, 3), slice(1, 2))]
+    # gsplat's 32-bit index: at most max_cameras cameras a call, whatever the pairs
+    assert call_limits(262144, torch.device("cpu")) == (2**29, (2**31 - 1) // 262144)
+    assert plan_calls(pairs, 100, max_cameras=4) == [(slice(0, 2), whole), (slice(2, 3), whole)]
+    assert plan_calls(pairs, 100, max_cameras=1) == [(slice(b, b + 1), slice(v, v + 1)) for b in range(3) for v in range(2)]
     generator = torch.Generator().manual_seed(0)
-    for _ in range(50):
+    for _ in range(100):
         pairs = torch.randint(0, 20, (4, 5), generator=generator).double()
         limit = int(torch.randint(1, 120, (1,), generator=generator))
-        calls = plan_calls(pairs, limit)
+        max_cameras = int(torch.randint(1, 25, (1,), generator=generator))
+        calls = plan_calls(pairs, limit, max_cameras)
         cameras = [(b, v) for scenes, views in calls for b in range(4)[scenes] for v in range(5)[views]]
         assert cameras == [(b, v) for b in range(4) for v in range(5)]  # each once, scene-major
         for scenes, views in calls:
-            assert pairs[scenes, views].sum() <= limit or (scenes.stop - scenes.start == 1 and views.stop - views.start == 1)
+            count = (scenes.stop - scenes.start) * (views.stop - views.start)
+            assert count <= max_cameras and (pairs[scenes, views].sum() <= limit or count == 1)
 
 
 def test_gsplat_calls_stitch_back_into_the_batch(monkeypatch):
@@ -180,7 +186,7 @@ def test_gsplat_calls_stitch_back_into_the_batch(monkeypatch):
     args = (scene.gaussians, scene.w2c, scene.intrinsics, scene.image_hw, background, scene.znear, scene.zfar)
     pairs = torch.tensor([[5.0, 1, 1, 1], [1, 1, 1, 1], [2, 2, 2, 2]])
     calls = []
-    monkeypatch.setattr(gsplat_backend, "count_tile_pairs", lambda *a, sizes: pairs[None])  # [tile sizes, B, V]
+    monkeypatch.setattr(gsplat_backend, "count_tile_pairs", lambda *a, sizes, max_cameras: pairs[None])  # [tile sizes, B, V]
     monkeypatch.setattr(gsplat_backend, "_rasterize", lambda g, w2c, *a: calls.append(tuple(w2c.shape[:2])) or
                         torch_backend.render_torch(g, w2c, *a))
     for limit, shapes in ((100, [(3, 4)]), (6, [(1, 2), (1, 2), (1, 4), (1, 3), (1, 1)]), (4, [(1, 1), (1, 3), (1, 4),
@@ -214,7 +220,7 @@ def test_automatic_tile_size_is_32_only_for_gaussians_much_larger_than_a_tile(mo
                             (torch.full((2, 2), 2.0), [(16, (2, 2))])):
         counted, seen[:] = [], []
         monkeypatch.setattr(gsplat_backend, "count_tile_pairs",
-                            lambda *a, sizes: counted.append(sizes) or torch.stack([small, large])[:len(sizes)])
+                            lambda *a, sizes, max_cameras: counted.append(sizes) or torch.stack([small, large])[:len(sizes)])
         gsplat_backend.render_gsplat(*args, AUTO_TILE)
         assert counted == [(16, 32)] and seen == expected, (small, seen)
     gsplat_backend.render_gsplat(*args, 16)

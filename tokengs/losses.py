@@ -90,7 +90,8 @@ def _divide_by_depth(xy: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     which bf16 means hit about once in 20 training steps) otherwise makes the division's backward
     0·x/0² = NaN even though the term is clamped there, and that NaN reached every weight."""
     quotient = xy / z
-    finite = torch.isfinite(quotient)
+    # the backward of xy / z needs xy / z² too: finite as well, or a tiny z (|z| < ~1e-18) overflows it
+    finite = torch.isfinite(quotient) & torch.isfinite(quotient / z)
     differentiable = xy / torch.where(finite, z, torch.ones_like(z))
     return torch.where(finite, differentiable, quotient.detach()).unbind(-1)
 

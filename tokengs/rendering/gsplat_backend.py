@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -9,22 +12,29 @@ from ..gaussians import Gaussians
 from .common import (AUTO_TILE, EPS2D, LARGE_TILE, TILE_SIZE, RenderOutput, choose_tile_size, intrinsics_matrices,
                      tile_pairs)
 
-# gsplat sorts every (Gaussian, tile) pair of a call together, about 24 bytes each (keys, ids and
-# their sorted copies): up to this many pairs (~13 GB) go in one call. One call for the whole
-# batch keeps the most tiles in flight (per-view calls took 1.5x the time on an H200); beyond the
-# limit each call takes whole scenes, and a scene past it alone takes its views in chunks.
+# gsplat sorts every (Gaussian, tile) pair of a call together, about BYTES_PER_PAIR each (keys,
+# ids and their sorted copies): a call takes up to MAX_PAIRS_PER_CALL pairs (~13 GB), and at most
+# 1/SORT_MEMORY_SHARE of the device's memory. One call for the whole batch keeps the most tiles in
+# flight (per-view calls took 1.5x the time on an H200); beyond the limit each call takes whole
+# scenes, and a scene past it alone takes its views in chunks.
 MAX_PAIRS_PER_CALL = 2**29
+BYTES_PER_PAIR = 24
+SORT_MEMORY_SHARE = 8
+# gsplat indexes a call's Gaussian x camera entries with 32-bit integers
+MAX_ENTRIES_PER_CALL = 2**31 - 1
 
 
 def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
                   background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE) -> RenderOutput:
     """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput.
     tile_size AUTO_TILE: 16 or 32 pixels, as `choose_tile_size` picks for these cameras."""
+    max_pairs, max_cameras = call_limits(gaussians.means.shape[1], gaussians.means.device)
     sizes = (TILE_SIZE, LARGE_TILE) if tile_size == AUTO_TILE else (tile_size,)
-    pairs = dict(zip(sizes, count_tile_pairs(gaussians, w2c, intrinsics, image_hw, znear, zfar, sizes=sizes)))
+    pairs = dict(zip(sizes, count_tile_pairs(gaussians, w2c, intrinsics, image_hw, znear, zfar, sizes=sizes,
+                                             max_cameras=max_cameras)))
     if tile_size == AUTO_TILE:
         tile_size = choose_tile_size(pairs[TILE_SIZE], pairs[LARGE_TILE])
-    calls = plan_calls(pairs[tile_size], MAX_PAIRS_PER_CALL)
+    calls = plan_calls(pairs[tile_size], max_pairs, max_cameras)
     per_scene: list[tuple[slice, list[RenderOutput]]] = []
     for scenes, views in calls:
         out = _rasterize(gaussians.map(lambda t: t[scenes]), w2c[scenes, views], intrinsics[scenes, views], image_hw,
@@ -37,45 +47,66 @@ def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_h
     return parts[0] if len(parts) == 1 else RenderOutput.cat(parts, dim=0)
 
 
+def call_limits(num_gaussians: int, device: torch.device) -> tuple[int, int]:
+    """(pairs, cameras) one call may take: the sort buffers' share of the device's memory, and
+    gsplat's 32-bit index over Gaussians x cameras."""
+    max_pairs = MAX_PAIRS_PER_CALL
+    if device.type == "cuda":
+        max_pairs = min(max_pairs, torch.cuda.get_device_properties(device).total_memory
+                        // (SORT_MEMORY_SHARE * BYTES_PER_PAIR))
+    return max_pairs, max(1, MAX_ENTRIES_PER_CALL // max(1, num_gaussians))
+
+
 @torch.no_grad()
 def count_tile_pairs(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
-                     znear: float, zfar: float, sizes: tuple[int, ...] = (TILE_SIZE,)) -> Tensor:
+                     znear: float, zfar: float, sizes: tuple[int, ...] = (TILE_SIZE,),
+                     max_cameras: Optional[int] = None) -> Tensor:
     """The pairs `rasterization` would sort per camera at each tile size -> [len(sizes), B, V]
-    on the CPU (gsplat's own projection; one copy to the host)."""
+    on the CPU (gsplat's own projection, max_cameras cameras at a time; one copy to the host)."""
     from gsplat import fully_fused_projection
 
     height, width = image_hw
-    radii, means2d, *_ = fully_fused_projection(
-        gaussians.means, None, gaussians.quats, gaussians.scales, w2c, intrinsics_matrices(intrinsics), width, height,
-        eps2d=EPS2D, near_plane=znear, far_plane=zfar, opacities=gaussians.opacities)
-    return torch.stack([tile_pairs(means2d, radii, image_hw, size) for size in sizes]).cpu()
+    num_scenes, num_views = w2c.shape[:2]
+    counts = torch.zeros(len(sizes), num_scenes, num_views, dtype=torch.float64, device=w2c.device)
+    for scenes, views in plan_calls(torch.zeros(num_scenes, num_views), math.inf, max_cameras):
+        radii, means2d, *_ = fully_fused_projection(
+            gaussians.means[scenes], None, gaussians.quats[scenes], gaussians.scales[scenes], w2c[scenes, views],
+            intrinsics_matrices(intrinsics[scenes, views]), width, height, eps2d=EPS2D, near_plane=znear,
+            far_plane=zfar, opacities=gaussians.opacities[scenes])
+        for index, size in enumerate(sizes):
+            counts[index, scenes, views] = tile_pairs(means2d, radii, image_hw, size)
+    return counts.cpu()
 
 
-def plan_calls(pairs: Tensor, max_pairs: int) -> list[tuple[slice, slice]]:
+def plan_calls(pairs: Tensor, max_pairs: float, max_cameras: Optional[int] = None) -> list[tuple[slice, slice]]:
     """Cameras per call from the pairs of each [B, V] -> (scenes, views) slices, scene-major:
-    consecutive whole scenes while their pairs stay within max_pairs; a scene above it alone, its
-    consecutive views in chunks within max_pairs (at least one view each)."""
+    consecutive whole scenes while their pairs stay within max_pairs and their cameras within
+    max_cameras; a scene above either alone, its consecutive views in chunks within both (at
+    least one view each)."""
     num_scenes, num_views = pairs.shape
+    max_cameras = max_cameras or num_scenes * num_views
     per_scene = pairs.sum(1).tolist()
     calls, start = [], 0
     while start < num_scenes:
         stop, total = start + 1, per_scene[start]
-        while stop < num_scenes and total + per_scene[stop] <= max_pairs:
+        while (stop < num_scenes and total + per_scene[stop] <= max_pairs
+               and (stop + 1 - start) * num_views <= max_cameras):
             total += per_scene[stop]
             stop += 1
-        if total <= max_pairs or stop - start > 1:
+        if stop - start > 1 or (total <= max_pairs and num_views <= max_cameras):
             calls.append((slice(start, stop), slice(0, num_views)))
         else:
-            calls += [(slice(start, stop), views) for views in _view_chunks(pairs[start].tolist(), max_pairs)]
+            calls += [(slice(start, stop), views)
+                      for views in _view_chunks(pairs[start].tolist(), max_pairs, max_cameras)]
         start = stop
     return calls
 
 
-def _view_chunks(pairs: list[float], max_pairs: int) -> list[slice]:
+def _view_chunks(pairs: list[float], max_pairs: float, max_cameras: int) -> list[slice]:
     chunks, start = [], 0
     while start < len(pairs):
         stop, total = start + 1, pairs[start]
-        while stop < len(pairs) and total + pairs[stop] <= max_pairs:
+        while stop < len(pairs) and total + pairs[stop] <= max_pairs and stop + 1 - start <= max_cameras:
             total += pairs[stop]
             stop += 1
         chunks.append(slice(start, stop))
