@@ -159,6 +159,10 @@ def test_gsplat_calls_are_planned_within_the_pair_limit_and_cover_every_camera_o
     assert plan_calls(pairs, 10) == [(slice(0, 2), whole), (slice(2, 3), slice(0, 1)), (slice(2, 3), slice(1, 2))]
     assert plan_calls(pairs, 5) == [(slice(0, 1), whole), (slice(1, 2), slice(0, 1)), (slice(1, 2), slice(1, 2)),
                                     (slice(2, 3), slice(0, 1)), (slice(2, 3), slice(1, 2))]
+    # scenes share a call only within merge_pairs; a scene is split only above max_pairs
+    assert plan_calls(pairs, 10, merge_pairs=4) == [(slice(0, 1), whole), (slice(1, 2), whole),
+                                                   (slice(2, 3), slice(0, 1)), (slice(2, 3), slice(1, 2))]
+    assert plan_calls(pairs, 11, merge_pairs=4) == [(slice(0, 1), whole), (slice(1, 2), whole), (slice(2, 3), whole)]
     # gsplat's 32-bit index: at most max_cameras cameras a call, whatever the pairs
     assert call_limits(262144, torch.device("cpu")) == (2**29, (2**31 - 1) // 262144)
     assert plan_calls(pairs, 100, max_cameras=4) == [(slice(0, 2), whole), (slice(2, 3), whole)]
@@ -168,12 +172,14 @@ def test_gsplat_calls_are_planned_within_the_pair_limit_and_cover_every_camera_o
         pairs = torch.randint(0, 20, (4, 5), generator=generator).double()
         limit = int(torch.randint(1, 120, (1,), generator=generator))
         max_cameras = int(torch.randint(1, 25, (1,), generator=generator))
-        calls = plan_calls(pairs, limit, max_cameras)
+        merge = int(torch.randint(0, limit + 1, (1,), generator=generator))
+        calls = plan_calls(pairs, limit, max_cameras, merge_pairs=merge)
         cameras = [(b, v) for scenes, views in calls for b in range(4)[scenes] for v in range(5)[views]]
         assert cameras == [(b, v) for b in range(4) for v in range(5)]  # each once, scene-major
         for scenes, views in calls:
             count = (scenes.stop - scenes.start) * (views.stop - views.start)
             assert count <= max_cameras and (pairs[scenes, views].sum() <= limit or count == 1)
+            assert scenes.stop - scenes.start == 1 or pairs[scenes, views].sum() <= merge
 
 
 def test_gsplat_calls_stitch_back_into_the_batch(monkeypatch):

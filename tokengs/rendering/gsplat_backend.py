@@ -13,10 +13,12 @@ from .common import (AUTO_TILE, EPS2D, LARGE_TILE, TILE_SIZE, RenderOutput, choo
                      tile_pairs)
 
 # gsplat sorts every (Gaussian, tile) pair of a call together, about BYTES_PER_PAIR each (keys,
-# ids and their sorted copies): a call takes up to MAX_PAIRS_PER_CALL pairs (~13 GB), and at most
-# 1/SORT_MEMORY_SHARE of the device's memory. One call for the whole batch keeps the most tiles in
-# flight (per-view calls took 1.5x the time on an H200); beyond the limit each call takes whole
-# scenes, and a scene past it alone takes its views in chunks.
+# ids and their sorted copies). Scenes share a call while their pairs stay within
+# MERGE_PAIRS_PER_CALL (~3 GB of sort buffers): more cameras a call keep more tiles in flight. A
+# scene has a call of its own up to MAX_PAIRS_PER_CALL (~13 GB; at most 1/SORT_MEMORY_SHARE of
+# the device's memory) and its views are split beyond it only: per-view calls of a fresh latent
+# model took 1.5x the time of per-scene calls on an H200.
+MERGE_PAIRS_PER_CALL = 2**27
 MAX_PAIRS_PER_CALL = 2**29
 BYTES_PER_PAIR = 24
 SORT_MEMORY_SHARE = 8
@@ -34,7 +36,7 @@ def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_h
                                              max_cameras=max_cameras)))
     if tile_size == AUTO_TILE:
         tile_size = choose_tile_size(pairs[TILE_SIZE], pairs[LARGE_TILE])
-    calls = plan_calls(pairs[tile_size], max_pairs, max_cameras)
+    calls = plan_calls(pairs[tile_size], max_pairs, max_cameras, merge_pairs=min(MERGE_PAIRS_PER_CALL, max_pairs))
     per_scene: list[tuple[slice, list[RenderOutput]]] = []
     for scenes, views in calls:
         out = _rasterize(gaussians.map(lambda t: t[scenes]), w2c[scenes, views], intrinsics[scenes, views], image_hw,
@@ -78,18 +80,20 @@ def count_tile_pairs(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, imag
     return counts.cpu()
 
 
-def plan_calls(pairs: Tensor, max_pairs: float, max_cameras: Optional[int] = None) -> list[tuple[slice, slice]]:
+def plan_calls(pairs: Tensor, max_pairs: float, max_cameras: Optional[int] = None,
+               merge_pairs: Optional[float] = None) -> list[tuple[slice, slice]]:
     """Cameras per call from the pairs of each [B, V] -> (scenes, views) slices, scene-major:
-    consecutive whole scenes while their pairs stay within max_pairs and their cameras within
-    max_cameras; a scene above either alone, its consecutive views in chunks within both (at
-    least one view each)."""
+    consecutive whole scenes while their pairs stay within merge_pairs (default max_pairs) and
+    their cameras within max_cameras; a scene above max_pairs or max_cameras alone, its
+    consecutive views in chunks within both (at least one view each)."""
     num_scenes, num_views = pairs.shape
     max_cameras = max_cameras or num_scenes * num_views
+    merge_pairs = max_pairs if merge_pairs is None else merge_pairs
     per_scene = pairs.sum(1).tolist()
     calls, start = [], 0
     while start < num_scenes:
         stop, total = start + 1, per_scene[start]
-        while (stop < num_scenes and total + per_scene[stop] <= max_pairs
+        while (stop < num_scenes and total + per_scene[stop] <= merge_pairs
                and (stop + 1 - start) * num_views <= max_cameras):
             total += per_scene[stop]
             stop += 1
