@@ -538,7 +538,10 @@ def test_an_evaluation_stopped_by_sigterm_releases_its_lock_in_one_line(eval_roo
     """SIGTERM unwinds a command that has no checkpoint to save (evaluation): without the handler
     the process died at once and left its lock for the next run to take over."""
     workspace = tmp_path / "ws"
-    process = subprocess.Popen([sys.executable, "-m", "tokengs.evaluate", *evaluate_flags(eval_root, workspace)],
+    # long test-time tuning keeps it working: a plain evaluation of these scenes takes 0.1 s and
+    # was once past its work (signal lost at exit, rc 0) by the time the test saw the lock
+    slow = ("--use_ttt_for_eval", "--ttt_n_steps", "100000")
+    process = subprocess.Popen([sys.executable, "-m", "tokengs.evaluate", *evaluate_flags(eval_root, workspace, *slow)],
                                cwd=ROOT, env=ONE_THREAD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_lock(process, workspace)
