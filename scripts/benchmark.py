@@ -81,7 +81,7 @@ from tokengs.models import TokenGS  # noqa: E402
 from tokengs.models.checkpoint import preset_manifest, save_model  # noqa: E402
 from tokengs.options import Options, get_preset  # noqa: E402
 from tokengs.rendering import render_chunked  # noqa: E402
-from tokengs.rendering.common import AUTO_TILE, LARGE_TILE, TILE_SIZE, choose_tile_size, tile_pairs  # noqa: E402
+from tokengs.rendering.common import AUTO_TILE, resolve_tile_size, tile_pairs  # noqa: E402
 from tokengs.startup import build_model  # noqa: E402
 from tokengs.train import build_optimizer  # noqa: E402
 from tokengs.ttt import test_time_tune  # noqa: E402
@@ -543,9 +543,7 @@ def tile_statistics(opt, model: TokenGS, batch: Batch) -> dict:
     radii = out.radii.float()  # [B, V, N, 2]
     visible = (radii > 0).all(-1)
     pairs = lambda size: tile_pairs(out.means2d, out.radii, opt.img_size, size)  # [B, V]
-    tile = opt.render_tile_size
-    if tile == AUTO_TILE:  # as the gsplat backend picks it for these cameras
-        tile = choose_tile_size(pairs(TILE_SIZE), pairs(LARGE_TILE))
+    tile = resolve_tile_size(opt.render_tile_size, pairs)  # as the gsplat backend picks it for these cameras
     return {"mean_radius_px": float(radii.amax(-1)[visible].mean()) if visible.any() else 0.0, "tile_px": tile,
             "tile_pairs_per_view": float(pairs(tile).mean()),
             "coverage": float((out.alphas >= 0.5).float().mean())}

@@ -86,9 +86,10 @@ def visibility_loss(means: Tensor, w2c: Tensor, intrinsics: Tensor, image_hw: tu
 
 def _divide_by_depth(xy: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     """xy [..., 2] / z [..., 1], split into its two columns, with the plain quotient's values (±inf
-    or NaN where z is 0) and a gradient only where the quotient is finite. A center in a camera's plane (z exactly 0,
-    which bf16 means hit about once in 20 training steps) otherwise makes the division's backward
-    0·x/0² = NaN even though the term is clamped there, and that NaN reached every weight."""
+    or NaN where z is 0) and a gradient only where the quotient is finite. A center in a camera's
+    plane (z exactly 0, which bf16 means hit about once in 17 training steps on an H200) otherwise
+    makes the division's backward 0·x/0² = NaN even though the term is clamped there, and that NaN
+    reached every weight."""
     quotient = xy / z
     # the backward of xy / z needs xy / z² too: finite as well, or a tiny z (|z| < ~1e-18) overflows it
     finite = torch.isfinite(quotient) & torch.isfinite(quotient / z)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ EPS2D = 0.3  # px^2 added to the diagonal of every 2D covariance (gsplat's low-p
 MAX_EXTEND = 3.33  # footprint bound in standard deviations
 FRUSTUM_MARGIN = 0.3  # Jacobian clamp: tan-fov limits widened by 0.3 x tan(fov/2) on each side
 TILE_SIZE = 16  # gsplat's tile: a Gaussian is evaluated on every pixel of every tile its box touches
-AUTO_TILE = 0  # render_tile_size 0: gsplat's tile edge chosen per render (`choose_tile_size`)
+AUTO_TILE = 0  # render_tile_size 0: gsplat's tile edge chosen per render (`resolve_tile_size`)
 LARGE_TILE = 32  # the largest tile gsplat's kernels take (a thread per pixel, 1024 per block)
 # 32-px tiles when the Gaussians' boxes make this many times the pairs at 16 px as at 32 px: only
 # when nearly every box spans many tiles (the ratio is at most 4). Measured on an H200: a fresh
@@ -49,11 +49,6 @@ class RenderOutput:
         """Concatenate along scenes (dim 0) or views (dim 1)."""
         return RenderOutput(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=dim) for f in fields(RenderOutput)})
 
-    @staticmethod
-    def stack(scenes: list["RenderOutput"]) -> "RenderOutput":
-        """Renders of single scenes, [V, ...] each -> one of [B, V, ...]."""
-        return RenderOutput(**{f.name: torch.stack([getattr(s, f.name) for s in scenes]) for f in fields(RenderOutput)})
-
 
 def intrinsics_matrices(intrinsics: Tensor) -> Tensor:
     """(fx, fy, cx, cy) [..., 4] -> pinhole matrices K [..., 3, 3], built with tensor ops."""
@@ -77,21 +72,32 @@ def background_tensor(bg_color: BgColor, like: Tensor) -> Tensor:
     return bg
 
 
+def tile_span(means2d: Tensor, radii: Tensor, tile_size: int) -> tuple[Tensor, Tensor]:
+    """The tiles each Gaussian's center +- radius box touches, per axis [first, last), unclipped
+    (gsplat's intersection: floor(m/t - r/t), ceil(m/t + r/t)): means2d, radii [..., N, 2] px ->
+    two [..., N, 2] in means2d's dtype."""
+    center = means2d / tile_size
+    reach = radii.to(means2d.dtype) / tile_size
+    return torch.floor(center - reach), torch.ceil(center + reach)
+
+
 def tile_pairs(means2d: Tensor, radii: Tensor, image_hw: tuple[int, int], tile_size: int = TILE_SIZE) -> Tensor:
     """The (Gaussian, tile) pairs a tile rasterizer sorts for each camera: means2d [..., N, 2] and
     radii [..., N, 2] (px; 0 where culled, where means2d may be anything: gsplat leaves it
-    uninitialised) -> [...] float64. A Gaussian counts the tiles its center +- radius box touches,
-    clipped to the image (gsplat's rule)."""
+    uninitialised) -> [...] float64: the tiles of `tile_span`, clipped to the image."""
     height, width = image_hw
     grid = torch.tensor([math.ceil(width / tile_size), math.ceil(height / tile_size)], device=radii.device)
-    radii, centers = radii.float(), means2d.float()
-    first = torch.minimum(((centers - radii) / tile_size).floor().clamp(min=0), grid)
-    last = torch.minimum(((centers + radii) / tile_size).ceil().clamp(min=0), grid)
+    first, last = tile_span(means2d.float(), radii, tile_size)
+    first, last = (torch.minimum(t.clamp(min=0), grid) for t in (first, last))
     pairs = torch.where((radii > 0).all(-1), (last - first).prod(-1), 0.0)
     return pairs.sum(-1, dtype=torch.float64)
 
 
-def choose_tile_size(pairs_small: Tensor, pairs_large: Tensor) -> int:
-    """The tile edge for a render whose cameras make pairs_small (16-px) and pairs_large (32-px)
-    (Gaussian, tile) pairs: LARGE_TILE when the Gaussians are much larger than a tile, else TILE_SIZE."""
-    return LARGE_TILE if float(pairs_small.sum()) >= LARGE_TILE_PAIR_RATIO * float(pairs_large.sum()) else TILE_SIZE
+def resolve_tile_size(tile_size: int, pairs_at: Callable[[int], Tensor]) -> int:
+    """tile_size itself, or for AUTO_TILE the edge for cameras whose (Gaussian, tile) pairs at an
+    edge are pairs_at(edge): LARGE_TILE when the Gaussians are much larger than a tile (at least
+    LARGE_TILE_PAIR_RATIO times the pairs at TILE_SIZE), else TILE_SIZE."""
+    if tile_size != AUTO_TILE:
+        return tile_size
+    small, large = float(pairs_at(TILE_SIZE).sum()), float(pairs_at(LARGE_TILE).sum())
+    return LARGE_TILE if small >= LARGE_TILE_PAIR_RATIO * large else TILE_SIZE

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..gaussians import Gaussians
-from .common import (AUTO_TILE, EPS2D, LARGE_TILE, TILE_SIZE, RenderOutput, choose_tile_size, intrinsics_matrices,
+from .common import (AUTO_TILE, EPS2D, LARGE_TILE, TILE_SIZE, RenderOutput, intrinsics_matrices, resolve_tile_size,
                      tile_pairs)
 
 # gsplat sorts every (Gaussian, tile) pair of a call together, about BYTES_PER_PAIR each (keys,
@@ -29,13 +29,12 @@ MAX_ENTRIES_PER_CALL = 2**31 - 1
 def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
                   background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE) -> RenderOutput:
     """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput.
-    tile_size AUTO_TILE: 16 or 32 pixels, as `choose_tile_size` picks for these cameras."""
+    tile_size AUTO_TILE: 16 or 32 pixels, as `resolve_tile_size` picks for these cameras."""
     max_pairs, max_cameras = call_limits(gaussians.means.shape[1], gaussians.means.device)
     sizes = (TILE_SIZE, LARGE_TILE) if tile_size == AUTO_TILE else (tile_size,)
     pairs = dict(zip(sizes, count_tile_pairs(gaussians, w2c, intrinsics, image_hw, znear, zfar, sizes=sizes,
                                              max_cameras=max_cameras)))
-    if tile_size == AUTO_TILE:
-        tile_size = choose_tile_size(pairs[TILE_SIZE], pairs[LARGE_TILE])
+    tile_size = resolve_tile_size(tile_size, pairs.__getitem__)
     calls = plan_calls(pairs[tile_size], max_pairs, max_cameras, merge_pairs=min(MERGE_PAIRS_PER_CALL, max_pairs))
     per_scene: list[tuple[slice, list[RenderOutput]]] = []
     for scenes, views in calls:

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..gaussians import Gaussians
 from .common import (ALPHA_THRESHOLD, AUTO_TILE, EPS2D, FRUSTUM_MARGIN, MAX_ALPHA, MAX_EXTEND, TILE_SIZE,
-                     TRANSMITTANCE_THRESHOLD, RenderOutput)
+                     TRANSMITTANCE_THRESHOLD, RenderOutput, tile_span)
 
 # Pixel x Gaussian pairs evaluated at once; about a dozen float tensors of this size live in a
 # chunk's graph, so 2^21 pairs keep a chunk near 100 MB in float32.
@@ -168,11 +168,7 @@ def rasterize_view(means2d: Tensor, conics: Tensor, opacities: Tensor, features:
     ids = ids[torch.sort(depths[ids].detach(), stable=True).indices]  # front to back; ties keep index order
     means2d, conics, opacities, features = means2d[ids], conics[ids], opacities[ids], features[ids]
     with torch.no_grad():
-        # the tiles each box touches: [floor((m - r) / tile), ceil((m + r) / tile)), as gsplat's intersection
-        center = means2d / tile_size
-        reach = radii[ids].to(means2d.dtype) / tile_size
-        tile_lo = torch.floor(center - reach)
-        tile_hi = torch.ceil(center + reach)
+        tile_lo, tile_hi = tile_span(means2d, radii[ids], tile_size)
     tiles = []  # per tile row: (pixels, (h, w), the Gaussians touching it) of each tile
     for ty in range(math.ceil(height / tile_size)):
         row = []
