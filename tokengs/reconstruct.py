@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 import time
@@ -40,6 +39,7 @@ from torch import Tensor
 from tokengs import workspace as ws
 from tokengs.cli import DEBUG_FLAG, DEBUG_HELP, entry_point
 from tokengs.options import Options, OptionsError
+from tokengs.threads import usable_cores
 
 if TYPE_CHECKING:
     from tokengs.data.captures import CaptureMeta
@@ -58,7 +58,7 @@ RELEASED_PRESETS = {
 }
 VIDEO_FPS = 24
 # Threads that decode the photos and encode the renders (OpenCV and Pillow release the GIL).
-IO_WORKERS = min(8, os.cpu_count() or 1)
+IO_WORKERS = min(8, usable_cores())
 
 
 @dataclass(frozen=True)

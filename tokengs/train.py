@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from tokengs import workspace as ws
 from tokengs.cli import entry_point, parse_options, signal_handlers, work_started
-from tokengs.options import Options, OptionsError
+from tokengs.options import Domain, Options, OptionsError
 from tokengs.startup import raise_problems
 
 if TYPE_CHECKING:
@@ -531,7 +531,7 @@ def torch_writer(state: dict) -> Callable[[Path], None]:
 
 def _count(metadata: dict, key: str) -> int:
     value = metadata[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not Domain(0, integer=True).holds(value):
         raise ValueError(f"{key} is {value!r}, not a count")
     return value
 

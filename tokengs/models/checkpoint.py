@@ -18,7 +18,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -278,9 +278,11 @@ def finetune_mismatch(shapes: Mapping[str, Tuple[int, ...]], model: Mapping[str,
     every weight it holds has a place in the model (the same name and shape, or tokens / latents of
     another count that init_tokens_from_existing / init_latents_from_existing resize) and the
     model's weights it lacks are only those a dynamic finetune adds (FINETUNE_ADDED_PREFIXES)."""
+    resizable = _resizable(opt)
+
     def fits(name: str) -> bool:
         have, want = tuple(shapes[name]), tuple(model[name])
-        return have == want or (_resizable(opt).get(name, False) and have[1:] == want[1:])
+        return have == want or _resizes(resizable, name, have, want)
 
     listings = [("missing keys (in the model, not in the checkpoint, and not added by a finetune)",
                  [n for n in model if n not in shapes and not n.startswith(FINETUNE_ADDED_PREFIXES)]),
@@ -297,6 +299,12 @@ def _resizable(opt: Options) -> Dict[str, bool]:
     """The weights whose count an init rule adapts, and whether the options turn that rule on."""
     return {"gs_tokens": opt.init_tokens_from_existing, "gs_tokens_dynamic": opt.init_tokens_from_existing,
             "enc_dec_backbone.latents": opt.init_latents_from_existing}
+
+
+def _resizes(resizable: Dict[str, bool], name: str, have: Sequence[int], want: Sequence[int]) -> bool:
+    """Whether the checkpoint's `name` of shape `have` is resized into the model's `want`: tokens or
+    latents of another count, where `resizable` (from `_resizable`) allows it."""
+    return bool(resizable.get(name)) and tuple(have[1:]) == tuple(want[1:])
 
 
 def load_model_checkpoint(model: nn.Module, path_or_state: Union[str, Path, Mapping[str, Tensor]],
@@ -332,7 +340,7 @@ def load_model_checkpoint(model: nn.Module, path_or_state: Union[str, Path, Mapp
             report.skipped.append(f"{name}: not in the model")
         elif value.shape == own[name].shape:
             to_load[name] = value
-        elif resizable.get(name) and value.shape[1:] == own[name].shape[1:]:
+        elif _resizes(resizable, name, value.shape, own[name].shape):
             to_load[name] = resize_tokens(value, own[name].shape[0])
             report.initialized.append(f"{name}: {value.shape[0]} -> {own[name].shape[0]} from the checkpoint's")
         else:
