@@ -108,9 +108,9 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor, keys: Tensor, values: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         """x [B, N, D], keys/values [B, H, L, d], attn_mask [N, N] bool or None -> [B, N, D]."""
-        x = x + self.gs_cross_attn_scale(self.gs_cross_attn(x, keys, values))
-        x = x + self.gs_self_attn_scale(self.gs_self_attn(x, attn_mask))
-        return x + self.mlp_scale(self.mlp(x))
+        x = self.gs_cross_attn_scale(x, self.gs_cross_attn(x, keys, values))
+        x = self.gs_self_attn_scale(x, self.gs_self_attn(x, attn_mask))
+        return self.mlp_scale(x, self.mlp(x))
 
 
 class EncDecBackbone(nn.Module):
