@@ -908,6 +908,27 @@ def test_a_users_or_the_environments_error_is_one_line_exit_2_at_start_up_1_late
     assert line.startswith(f"error: {says}"), line
 
 
+def test_every_error_class_of_the_package_is_a_user_error():
+    """An exception class the package defines either tells the user what to fix (a UserError, one
+    line from every command) or is one the viewer or the demo handle themselves."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import tokengs
+    from tokengs.errors import UserError
+
+    handled_where_raised = {"ViewError", "DemoStopped"}
+    found = []
+    for module_info in pkgutil.walk_packages(tokengs.__path__, "tokengs."):
+        module = importlib.import_module(module_info.name)
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and issubclass(cls, Exception) and cls is not UserError:
+                found.append(name)
+                assert issubclass(cls, UserError) or name in handled_where_raised, f"{module.__name__}.{name}"
+    assert {"CheckpointError", "DataLoadError", "LPIPSWeightsMissing", "NonFiniteError", "OptionsError"} <= set(found)
+
+
 def test_debug_shows_the_traceback_and_a_bug_keeps_it(capsys, monkeypatch):
     for argv, env in ((["--debug"], None), ([], "1")):
         if env:

@@ -1,6 +1,9 @@
-"""Media for people to look at: the text of a plot can be read."""
+"""Media for people to look at: the text of a plot can be read, a video is written or says why not."""
+
+import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -28,3 +31,20 @@ def test_comparison_grid_puts_each_view_beside_its_truth_enlarged_to_be_seen():
     np.testing.assert_array_equal(tile[::4, ::4], to_uint8(truth[2]))  # nearest-pixel enlargement
     np.testing.assert_array_equal(tile[3::4, 3::4], to_uint8(truth[2]))
     assert (canvas[192:196] == 255).all()  # the white gap between rows
+
+
+def test_video_without_ffmpeg_falls_back_to_opencv_and_says_when_no_encoder_opens(tmp_path, monkeypatch):
+    import cv2
+
+    from tokengs.media import read_video, save_video
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails: OpenCV's mp4v
+    frames = np.zeros((5, 33, 48, 3), np.uint8)
+    frames[:, :, :24] = 200
+    video = read_video(save_video(tmp_path / "ok.mp4", frames))
+    assert video.shape == (5, 32, 48, 3)  # cut to even sizes
+    assert abs(float(video[:, :, :20].mean()) - 200) < 5 and float(video[:, :, 28:].mean()) < 5
+
+    monkeypatch.setattr(cv2, "VideoWriter_fourcc", lambda *code: cv2.VideoWriter.fourcc(*"ZZZZ"))  # a codec no build has
+    with pytest.raises(RuntimeError, match="bad.mp4: no MP4 encoder here"):
+        save_video(tmp_path / "bad.mp4", frames)

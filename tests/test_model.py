@@ -341,3 +341,17 @@ def test_head_norm_keeps_half_precision_under_autocast_and_equals_layer_norm_oth
     assert (out.float() - plain).abs().max() <= 0.05  # bf16 rounding of values of order 1
     out.float().square().sum().backward()
     assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32 and half.grad is not None
+
+
+def test_read_shapes_maps_a_torch_file_and_still_reads_the_pre_zip_format(tmp_path):
+    from tokengs.models.checkpoint import read_shapes
+
+    state = {"module.gs_tokens": torch.randn(3, 4), "_orig_mod.head.bias": torch.zeros(2)}
+    expected = {"gs_tokens": (3, 4), "head.bias": (2,)}
+    torch.save({"model": state}, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+    assert read_shapes(tmp_path / "zip.pt") == expected
+    assert read_shapes(tmp_path / "legacy.pt") == expected
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "zip.pt").read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="cut.pt cannot be read by torch.load"):
+        read_shapes(tmp_path / "cut.pt")

@@ -8,7 +8,7 @@ take the release's flag form (`--use_ttt_for_eval`, `--no-random_reflect`) and a
 explicit `--field True|False`. Every mistake ends in one line saying what to fix, exit code 2.
 
 Errors: a command's `main(argv=None)` decorated with `@entry_point` turns a user's mistake or the
-environment's fault (our error classes, the operating system's errors, a full disk however torch or
+environment's fault (a `tokengs.errors.UserError`, the operating system's errors, a full disk however torch or
 safetensors reports it) into one line naming the path or option and the fix: exit 2 during
 start-up, 1 once the work has begun (`work_started`). `--debug` (or TOKENGS_DEBUG=1) prints the
 traceback too. Any other exception is a bug and keeps its traceback.
@@ -16,6 +16,7 @@ traceback too. Any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -32,8 +33,9 @@ import typing
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
+from tokengs.errors import UserError
 from tokengs.options import Options, OptionsError, config_defaults, config_doc
-from tokengs.workspace import WorkspaceError, disk_fault
+from tokengs.workspace import disk_fault
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Options)}
 _BOOL_FIELDS = {name for name, hint in typing.get_type_hints(Options).items() if hint is bool}
@@ -193,11 +195,6 @@ def _first_message(boxed: str) -> str:
 
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "Print the Python traceback of an error too (as TOKENGS_DEBUG=1 does)."
-# Our error classes whose messages name the path or option and the fix, by module. They are looked
-# up among the modules already imported: an exception of a class never imported cannot have been
-# raised, and a command that never imports torch (the viewer) does not import it for this.
-OWN_ERRORS = {"tokengs.models.checkpoint": ("CheckpointError",), "tokengs.data.scene": ("DataLoadError", "SceneError"),
-              "tokengs.scene_files": ("SceneFileError",), "tokengs.train": ("NonFiniteError",)}
 # What to do about an operating-system error, by errno; the error itself says what happened.
 _OS_FIXES = {
     errno.ENOENT: "check the path",
@@ -253,22 +250,22 @@ def signal_handlers(signums: Sequence[int], handler: Callable) -> typing.Iterato
             signal.signal(signum, old)
 
 
-def entry_point(main: Optional[Main] = None, *, user_errors: tuple[type[BaseException], ...] = ()):
-    """Give a command's `main(argv=None)` the one rule for errors (see run_main). Use it bare,
-    `@entry_point`, or with the command's own error classes, `@entry_point(user_errors=(E,))`."""
-    def decorate(function: Main) -> Main:
-        @functools.wraps(function)
-        def wrapped(argv: Optional[Sequence[str]] = None):
-            return run_main(function, argv, user_errors)
-        return typing.cast(Main, wrapped)
-
-    return decorate(main) if main is not None else decorate
+def entry_point(main: Main) -> Main:
+    """Give a command's `main(argv=None)` the one rule for errors (see run_main): `@entry_point`."""
+    @functools.wraps(main)
+    def wrapped(argv: Optional[Sequence[str]] = None):
+        return run_main(main, argv)
+    return typing.cast(Main, wrapped)
 
 
-def run_main(main: Callable[[list[str]], typing.Any], argv: Optional[Sequence[str]] = None,
-             user_errors: tuple[type[BaseException], ...] = ()) -> typing.Any:
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """List --debug in an argparse command's help (run_main reads it before the parser sees argv)."""
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
+
+
+def run_main(main: Callable[[list[str]], typing.Any], argv: Optional[Sequence[str]] = None) -> typing.Any:
     """Call main(args) (args: argv, else sys.argv[1:], without --debug) and return what it returns.
-    A user's mistake or the environment's fault (our error classes, `user_errors`, operating-system
+    A user's mistake or the environment's fault (a UserError, an operating-system
     errors, a full disk in any layer) ends in one line, `error: ...`, and SystemExit(2) during
     start-up or 1 after `work_started`; with --debug or TOKENGS_DEBUG=1 the traceback comes first.
     SIGTERM and Ctrl-C where the command does not handle them itself unwind the stack and end in
@@ -289,7 +286,7 @@ def run_main(main: Callable[[list[str]], typing.Any], argv: Optional[Sequence[st
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
         fail(f"stopped by {signal.Signals(signum).name}", code=128 + signum)
     except Exception as exc:
-        message = user_error_message(exc, user_errors)
+        message = user_error_message(exc)
         if message is None:
             raise
         if debug:
@@ -297,9 +294,9 @@ def run_main(main: Callable[[list[str]], typing.Any], argv: Optional[Sequence[st
         fail(message, code=1 if _started else 2)
 
 
-def user_error_message(exc: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> Optional[str]:
+def user_error_message(exc: BaseException) -> Optional[str]:
     """What to tell the user about exc when it is their mistake or the environment's fault, else None."""
-    if isinstance(exc, (OptionsError, WorkspaceError, *_imported_own_errors(), *user_errors)):
+    if isinstance(exc, UserError):
         return _without_worker_traceback(str(exc), type(exc).__name__)
     fault = exc if isinstance(exc, OSError) and exc.errno is not None else disk_fault(exc)
     return None if fault is None else os_error_message(fault)
@@ -311,11 +308,6 @@ def os_error_message(exc: OSError) -> str:
     text = f"{where}: {exc.strerror}" if where else (exc.strerror or str(exc))
     fix = _OS_FIXES.get(exc.errno)
     return f"{text}; {fix}" if fix else text
-
-
-def _imported_own_errors() -> list[type]:
-    return [getattr(sys.modules[module], name) for module, names in OWN_ERRORS.items() if module in sys.modules
-            for name in names]
 
 
 def _without_worker_traceback(message: str, class_name: str) -> str:

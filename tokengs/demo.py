@@ -29,7 +29,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from tokengs.cli import DEBUG_FLAG, DEBUG_HELP, entry_point
+from tokengs.cli import add_debug_flag, entry_point
 from tokengs.options import Options, get_preset
 
 log = logging.getLogger("tokengs.demo")
@@ -295,7 +295,7 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--quick", action="store_true", help="a seconds-long run of every step (tests)")
     parser.add_argument("--train_scenes", type=int, default=48)
     parser.add_argument("--eval_scenes", type=int, default=6)
-    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)  # read by entry_point; listed here
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     checkpoint = None if args.checkpoint.lower() == "none" else Path(args.checkpoint)

@@ -174,11 +174,14 @@ def dump_media(workspace: Path, tag: str, batch: Batch, packed: torch.Tensor, re
     save_image_grid(workspace / "depths" / f"depth_{tag}.png", [depth])
     # ours beside the release's strips: each target's prediction next to its truth, large enough to see
     save_png(workspace / "images" / f"comparison_{tag}.png", comparison_grid([pred, gt]))
-    save_video(workspace / "videos" / f"pred_{tag}.mp4", pred, MEDIA_FPS)
-    save_video(workspace / "videos" / f"gt_{tag}.mp4", gt, MEDIA_FPS)
-    save_video(workspace / "videos" / f"input_{tag}.mp4", inputs, max(1, MEDIA_FPS // 4))
-    save_video(workspace / "videos" / f"depth_{tag}.mp4", depth, MEDIA_FPS)
-    save_video(workspace / "videos" / f"comparison_{tag}.mp4", torch.cat([gt.cpu(), pred.cpu()], dim=-1), MEDIA_FPS)
+    try:
+        save_video(workspace / "videos" / f"pred_{tag}.mp4", pred, MEDIA_FPS)
+        save_video(workspace / "videos" / f"gt_{tag}.mp4", gt, MEDIA_FPS)
+        save_video(workspace / "videos" / f"input_{tag}.mp4", inputs, max(1, MEDIA_FPS // 4))
+        save_video(workspace / "videos" / f"depth_{tag}.mp4", depth, MEDIA_FPS)
+        save_video(workspace / "videos" / f"comparison_{tag}.mp4", torch.cat([gt.cpu(), pred.cpu()], dim=-1), MEDIA_FPS)
+    except RuntimeError as exc:  # no encoder: the metrics and the other media still count
+        log.warning("videos of %s not written: %s", tag, exc)
     save_scene(Gaussians.unpack(packed[0].float()), batch.context, workspace / "gaussians" / f"gaussians_{tag}.ply")
 
 

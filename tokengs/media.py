@@ -79,7 +79,7 @@ def colorize_depth(depth: Tensor, alpha: Tensor | None = None) -> Tensor:
 
 def save_video(path: str | Path, frames: np.ndarray | Tensor, fps: int = 24) -> Path:
     """Write [T, H, W, 3] uint8 (or [T, 3, H, W] float) frames to MP4 (H.264 via imageio-ffmpeg,
-    or OpenCV's mp4v where the ffmpeg plugin is absent)."""
+    or OpenCV's mp4v where the ffmpeg plugin is absent); RuntimeError where neither can."""
     if torch.is_tensor(frames):
         frames = to_uint8(frames)
     frames = np.asarray(frames)
@@ -96,6 +96,9 @@ def save_video(path: str | Path, frames: np.ndarray | Tensor, fps: int = 24) -> 
         import cv2
 
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (frames.shape[2], frames.shape[1]))
+        if not writer.isOpened():  # OpenCV built without an MP4 encoder would write nothing, silently
+            raise RuntimeError(f"{path}: no MP4 encoder here (neither imageio's ffmpeg plugin nor OpenCV's mp4v); "
+                               "pip install imageio[ffmpeg]")
         for frame in frames:
             writer.write(np.ascontiguousarray(frame[..., ::-1]))
         writer.release()

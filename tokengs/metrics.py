@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokengs.errors import UserError
+
 __all__ = ["psnr", "ssim", "lpips", "ssim_map", "ssim_skimage_batched", "build_lpips", "lpips_weights_problem",
            "LPIPSWeightsMissing", "VGG16_WEIGHTS"]
 
@@ -30,7 +32,7 @@ SSIM_C1 = 0.01**2  # (K1 * data_range)^2 with data_range 1
 SSIM_C2 = 0.03**2
 
 
-class LPIPSWeightsMissing(RuntimeError):
+class LPIPSWeightsMissing(UserError, RuntimeError):
     """torchvision's VGG16 weights are not in the torch hub cache (and nothing may be downloaded)."""
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from tokengs.errors import UserError
+
 BG_COLORS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "grey": (0.5, 0.5, 0.5)}
 MEAN_OF_GRADS_MODES = ("none", "per-scene", "per-view")
 TTT_MODES = {"token-tuning": "token-tuning", "tokens": "token-tuning",
@@ -27,7 +29,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 EVAL_METRICS = ("psnr", "ssim", "lpips")
 
 
-class OptionsError(ValueError):
+class OptionsError(UserError, ValueError):
     """An option has a value the framework cannot run with; the message says which and how to fix it."""
 
 

@@ -30,12 +30,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from tokengs.errors import UserError
+
 CAMERAS_FORMAT = "tokengs.cameras/1"
 CAMERAS_FILE = "cameras.json"  # a folder's shared cameras file
 TRACKS_FILE = "tracks.npz"
 
 
-class SceneFileError(ValueError):
+class SceneFileError(UserError, ValueError):
     """A scene file that cannot be read; the message names the file and what is wrong with it."""
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from tokengs import workspace as ws
 from tokengs.cli import entry_point, parse_options, signal_handlers, work_started
+from tokengs.errors import UserError
 from tokengs.options import Domain, Options, OptionsError
 from tokengs.startup import raise_problems
 
@@ -41,7 +42,7 @@ RESUMABLE_CHANGES = {"workspace", "num_workers", "print_freq", "log_image_freq",
                      "compile_blocks"}
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many training steps in a row had a NaN/Inf loss or gradient."""
 
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from tokengs.cli import DEBUG_FLAG, DEBUG_HELP, entry_point
+from tokengs.cli import add_debug_flag, entry_point
 from tokengs.scene_files import CameraRecord, SceneFileError, cameras_beside, read_cameras, tracks_beside
 
 INSTALL = 'pip install -e ".[viewer]"'
@@ -530,7 +530,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080; 0: any free port)")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: every interface; "
                                                           "127.0.0.1: this machine only)")
-    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)  # read by entry_point; listed here
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
+from tokengs.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
@@ -46,7 +48,7 @@ DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 _OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how safetensors' writer names one
 
 
-class WorkspaceError(RuntimeError):
+class WorkspaceError(UserError, RuntimeError):
     """The workspace cannot be used as it is; the message names the file and the fix."""
 
 

@@ -22,15 +22,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tokengs.errors import UserError
+
 # Decoding runs in DataLoader workers, one process per core: more OpenCV threads only contend.
 cv2.setNumThreads(1)
 
 
-class DataLoadError(RuntimeError):
+class DataLoadError(UserError, RuntimeError):
     """Data could not be loaded and the run cannot go on (the message names the file and the limit)."""
 
 
-class SceneError(ValueError):
+class SceneError(UserError, ValueError):
     """One scene cannot be used; `path` is the file at fault and `reason` says why."""
 
     def __init__(self, path, reason: str):

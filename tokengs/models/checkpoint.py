@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from tokengs.errors import UserError
 from tokengs.models.tokengs import TokenGS
 from tokengs.options import Options, config_defaults
 
@@ -42,7 +43,7 @@ ARCHITECTURE_FIELDS = ("patch_size", "dec_patch_size", "enc_depth", "dec_depth",
                        "use_latent_bottleneck", "num_latents", "latent_cross_attn_depth")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be read or does not fit the model; the message names the file and what to do."""
 
 
@@ -100,11 +101,12 @@ def _unreadable_safetensors(path: Path, exc: Exception) -> CheckpointError:
 def read_shapes(path: Union[str, Path]) -> Dict[str, Tuple[int, ...]]:
     """The names (as `normalize_state_dict` leaves them) and shapes of a checkpoint's weights: from
     a safetensors header, which safetensors checks against the file's length, so that a truncated
-    file is found without reading its weights; a torch file is read whole."""
+    file is found without reading its weights; a torch file is memory-mapped (its weights stay on
+    disk until used; a file of torch's pre-1.6 format, which cannot be mapped, is read whole)."""
     path = Path(path)
     _check_file(path)
     if path.suffix != ".safetensors":
-        return {name: tuple(t.shape) for name, t in load_weights(path).items()}
+        return {name: tuple(t.shape) for name, t in load_weights(path, mmap=True).items()}
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -115,10 +117,11 @@ def read_shapes(path: Union[str, Path]) -> Dict[str, Tuple[int, ...]]:
     return normalize_state_dict(shapes)
 
 
-def load_weights(path: Union[str, Path]) -> StateDict:
+def load_weights(path: Union[str, Path], mmap: bool = False) -> StateDict:
     """Read a state dict (on the CPU) from .safetensors or a torch file (.pt/.pth/.bin).
 
-    Torch files may hold the state dict itself or wrap it as {'model': ...} / {'state_dict': ...}.
+    Torch files may hold the state dict itself or wrap it as {'model': ...} / {'state_dict': ...};
+    mmap maps a torch file's weights instead of reading them (where its format allows).
     """
     path = Path(path)
     _check_file(path)
@@ -132,7 +135,12 @@ def load_weights(path: Union[str, Path]) -> StateDict:
             raise _unreadable_safetensors(path, exc) from exc
     elif path.suffix in (".pt", ".pth", ".bin"):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if not (mmap and "mmap" in str(exc)):  # only the zip format (torch >= 1.6) can be mapped
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
             raise CheckpointError(f"checkpoint {path} cannot be read by torch.load ({exc}); it is probably truncated "
                                   "or corrupt, or holds objects other than tensors: fetch or re-save it") from exc
