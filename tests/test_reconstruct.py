@@ -7,6 +7,8 @@ generator's own), read back and reconstructed with the shipped demo checkpoint.
 
 import json
 import math
+import posixpath
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -261,8 +263,18 @@ def test_bad_input_is_one_message_naming_each_file_exit_2_nothing_written(room, 
     del data["camera_angle_x"]
     no_focal.write_text(json.dumps(data))
 
+    # DL3DV: a photo in the zip's image folder that its transforms.json does not list
+    stray_zip = tmp_path / "dl3dv_stray" / scene.path.name
+    stray_zip.parent.mkdir()
+    shutil.copy(scene.path, stray_zip)
+    with zipfile.ZipFile(stray_zip, "a") as archive:
+        image_dir = posixpath.dirname(next(name for name in archive.namelist() if name.endswith(".png")))
+        archive.writestr(f"{image_dir}/stray.png", pictures[0][1])
+
     images = nerfstudio.parent / "images"
     cases = {
+        stray_zip: ([], [f"images in {stray_zip}:{image_dir}/ but {len(pictures)} cameras in {stray_zip}:transforms.json "
+                         "(1 unposed: stray.png); pose them or move them out"]),
         colmap: ([], ["missing frame " + str(colmap / "images" / "frame_00003.png"),
                       f"{colmap / 'images' / 'frame_00004.png'}: cannot decode the image",
                       "1 unposed: stray.png", "camera model FOV cannot be undistorted"]),
@@ -286,7 +298,9 @@ def test_bad_input_is_one_message_naming_each_file_exit_2_nothing_written(room, 
     unnamed.write_bytes(DEMO.read_bytes())
     with pytest.raises(SystemExit):
         reconstruct_main(["--scene", str(scene.path), "--out", str(tmp_path / "out"), "--ckpt", str(unnamed)])
-    assert "--preset: name the preset of --ckpt" in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert "--preset: name the preset of --ckpt" in message
+    assert "it probably belongs to preset 'demo' (every name and shape fits)" in message, message
 
 
 def test_a_colmap_scene_without_pycolmap_says_how_to_install_it(room, monkeypatch):

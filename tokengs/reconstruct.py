@@ -188,7 +188,7 @@ def resolve_options(ckpt: Optional[str], preset: Optional[str], workspace: Optio
                     problems: List[str]) -> Tuple[Optional[Options], Path, str]:
     """(options, checkpoint, a name for them) from --ckpt [--preset] or --workspace W (its
     config.yaml and model.safetensors); what is wrong goes to problems (options None)."""
-    from tokengs.models.checkpoint import CheckpointError, guess_presets, read_shapes
+    from tokengs.models.checkpoint import CheckpointError, describe_preset_guess, read_shapes
     from tokengs.options import get_preset
 
     if workspace is not None:
@@ -205,8 +205,7 @@ def resolve_options(ckpt: Optional[str], preset: Optional[str], workspace: Optio
     preset = preset or RELEASED_PRESETS.get(checkpoint.name)
     if preset is None:
         try:
-            fits, score = guess_presets(read_shapes(checkpoint))
-            hint = f" (its weights fit {', '.join(fits)})" if score == 1.0 else ""
+            hint = f" ({describe_preset_guess(read_shapes(checkpoint))})"
         except CheckpointError:
             hint = ""  # the checkpoint's own problem is reported by the start-up checks
         problems.append(f"--preset: name the preset of --ckpt {checkpoint}{hint}; only the released checkpoints "

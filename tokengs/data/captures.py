@@ -335,11 +335,15 @@ def _unposed_images(paths: Sequence[Path], metadata: Path) -> List[str]:
     found = [f for folder in {p.parent for p in paths} if folder.is_dir() for f in folder.iterdir()
              if f.suffix.lower() in IMAGE_SUFFIXES]
     extra = sorted((f for f in found if f.resolve() not in posed), key=natural_key)
-    if not extra:
-        return []
-    shown = ", ".join(f.name for f in extra[:3]) + (", ..." if len(extra) > 3 else "")
-    return [f"{len(found)} images in {extra[0].parent} but {len(posed)} cameras in {metadata} "
-            f"({len(extra)} unposed: {shown}); pose them or move them out"]
+    return [unposed_problem(str(extra[0].parent), len(found), len(posed), str(metadata), [f.name for f in extra])] \
+        if extra else []
+
+
+def unposed_problem(folder: str, images: int, cameras: int, metadata: str, unposed: Sequence[str]) -> str:
+    """The problem of a capture whose image folder holds images that its metadata gives no camera."""
+    shown = ", ".join(unposed[:3]) + (", ..." if len(unposed) > 3 else "")
+    return (f"{images} images in {folder} but {cameras} cameras in {metadata} "
+            f"({len(unposed)} unposed: {shown}); pose them or move them out")
 
 
 def _folder_capture(name: str, metadata: Path, fmt: str, posed: PosedImages, problems: List[str],
@@ -506,9 +510,8 @@ def _open_dl3dv(ref: SceneRef) -> CaptureScene:
     listed = set(members)
     extra = [m for m in zipped.archive.namelist() if posixpath.dirname(m) == image_dir and m not in listed
              and posixpath.splitext(m)[1].lower() in IMAGE_SUFFIXES]
-    problems = [f"{len(extra) + len(listed)} images in {ref.path}:{image_dir}/ but {len(listed)} frames in its "
-                f"{TRANSFORMS} (unposed: {', '.join(posixpath.basename(m) for m in extra[:3])}"
-                f"{', ...' if len(extra) > 3 else ''})"] if extra else []
+    problems = [unposed_problem(f"{ref.path}:{image_dir}/", len(extra) + len(listed), len(listed),
+                                f"{ref.path}:{TRANSFORMS}", [posixpath.basename(m) for m in extra])] if extra else []
     values = {f.name: getattr(zipped.meta, f.name) for f in fields(SceneMeta)}
     values["frame_names"] = [f"{ref.path}:{m}" for m in members]
     meta = CaptureMeta(**values, format="dl3dv", capture_problems=problems)

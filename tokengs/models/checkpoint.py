@@ -229,7 +229,8 @@ def guess_presets(shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[List[str], flo
     return [p for p, s in scores.items() if s == best], best
 
 
-def _describe_preset_guess(shapes: Mapping[str, Tuple[int, ...]]) -> str:
+def describe_preset_guess(shapes: Mapping[str, Tuple[int, ...]]) -> str:
+    """'it probably belongs to preset X (...)': the best-fitting presets of a checkpoint's names and shapes."""
     presets, score = guess_presets(shapes)
     if score == 1.0:
         head = f"it probably belongs to preset {presets[0]!r} (every name and shape fits)"
@@ -259,7 +260,7 @@ def _mismatch(source: str, mode: str, shapes: Mapping[str, Tuple[int, ...]], lis
     """The message of a checkpoint that does not fit (None when every listing is empty)."""
     if not any(items for _, items in listings):
         return None
-    parts = [f"checkpoint {source} does not fit this model ({mode}); {_describe_preset_guess(shapes)}."]
+    parts = [f"checkpoint {source} does not fit this model ({mode}); {describe_preset_guess(shapes)}."]
     parts += [_listing(title, items) for title, items in listings if items]
     return "\n".join(parts + [fix])
 
