@@ -539,7 +539,7 @@ def tile_statistics(opt, model: TokenGS, batch: Batch) -> dict:
     radius (px) of the Gaussians in view, the tile edge gsplat renders them with (`tile_px`), the
     (Gaussian, tile) pairs per view it sorts (their bounding boxes clipped to the image), and the
     share of the pixels they cover (accumulated alpha of at least one half)."""
-    out = render_chunked(opt, model.gaussians(batch), batch.target)
+    out = render_chunked(opt, model.gaussians(batch), batch.target, depth=False)
     radii = out.radii.float()  # [B, V, N, 2]
     visible = (radii > 0).all(-1)
     pairs = lambda size: tile_pairs(out.means2d, out.radii, opt.img_size, size)  # [B, V]

@@ -79,7 +79,7 @@ def decode_over_time(model, batches: list[Batch]) -> list[Gaussians]:
 
 def render_views(opt, gaussians: Gaussians, batch: Batch, views: slice = slice(None)) -> Tensor:
     """Gaussians [1, N] seen from the batch's target cameras (a slice of them) -> [V, 3, H, W]."""
-    return render_chunked(opt, gaussians, batch.target.select(views=views), chunk_size=8).images[0].clamp(0, 1)
+    return render_chunked(opt, gaussians, batch.target.select(views=views), chunk_size=8, depth=False).images[0].clamp(0, 1)
 
 
 def draw_tracks(frame: np.ndarray, pixels: np.ndarray, depths: np.ndarray, upto: int, colors: np.ndarray) -> np.ndarray:

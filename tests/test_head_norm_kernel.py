@@ -41,7 +41,7 @@ def compare_with_layer_norm(device: str, dtype: torch.dtype, length: int, dim: i
     reference = F.layer_norm(x64, (dim,), w64, b64, eps)
     reference.backward(grad_out.double())
 
-    # one ulp of the dtype, relative (Triton's interpreter truncates to bfloat16, a GPU rounds)
+    # one bfloat16 ulp, relative (float16 has finer ones; the interpreter truncates, a GPU rounds)
     rounding = 2.0**-22 if dtype == torch.float32 else 2.0**-7
     assert ((out.double() - reference).abs() <= rounding * reference.abs() + 1e-5).all()
     dx = qkv.grad.permute(2, 0, 3, 1, 4)[1].double()
@@ -52,7 +52,7 @@ def compare_with_layer_norm(device: str, dtype: torch.dtype, length: int, dim: i
         assert (ours.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-CASES = [(torch.float32, 100, 64), (torch.bfloat16, 100, 64), (torch.bfloat16, 70, 48)]
+CASES = [(torch.float32, 100, 64), (torch.bfloat16, 100, 64), (torch.bfloat16, 70, 48), (torch.float16, 40, 64)]
 
 
 @pytest.mark.parametrize("dtype, length, dim", CASES)
@@ -79,3 +79,24 @@ def test_head_norm_takes_the_kernel_only_for_strided_4d_cuda_inputs():
         assert head_norm_kernel.supports(torch.zeros(2, 5, 3, 4, device="cuda").transpose(1, 2))
         assert not head_norm_kernel.supports(torch.zeros(2, 3, 4, 5, device="cuda").transpose(2, 3))
         assert not head_norm_kernel.supports(torch.zeros(3, 4, device="cuda"))
+
+
+def test_a_kernel_that_cannot_run_here_hands_over_to_torchs_layer_norm_with_one_warning(monkeypatch, caplog):
+    """Triton builds the kernels at their first use; where that fails (here: CPU tensors, which it
+    cannot launch on; on a GPU machine e.g. no C compiler), HeadNorm goes on with torch's LayerNorm."""
+    import logging
+
+    from tokengs.models import head_norm_kernel
+    from tokengs.models.layers import HeadNorm
+
+    monkeypatch.setattr(head_norm_kernel, "_unavailable", None)
+    monkeypatch.setattr(head_norm_kernel, "_ran", False)
+    monkeypatch.setattr(head_norm_kernel, "supports", lambda x: head_norm_kernel._unavailable is None)
+    norm = HeadNorm(16, eps=1e-5)
+    x = torch.randn(1, 2, 8, 16).bfloat16()
+    with caplog.at_level(logging.WARNING), torch.autocast("cpu", dtype=torch.bfloat16):
+        first, second = norm(x), norm(x)
+    assert caplog.text.count("per-head LayerNorm kernel cannot run here") == 1, caplog.text
+    assert head_norm_kernel._unavailable
+    expected = F.layer_norm(x, (16,), norm.weight.bfloat16(), norm.bias.bfloat16(), 1e-5)
+    assert torch.equal(first, expected) and torch.equal(second, expected)

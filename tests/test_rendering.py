@@ -205,6 +205,8 @@ def test_gsplat_calls_stitch_back_into_the_batch(monkeypatch):
         assert torch.equal(out.radii, whole.radii), limit
         for name in ("images", "alphas", "depths", "means2d"):  # batched sums may round differently
             torch.testing.assert_close(getattr(out, name), getattr(whole, name), rtol=1e-5, atol=1e-5, msg=(limit, name))
+        without_depth = gsplat_backend.render_gsplat(*args, depth=False)
+        assert without_depth.depths is None and torch.equal(without_depth.images, out.images), limit
 
 
 def test_automatic_tile_size_is_32_only_for_gaussians_much_larger_than_a_tile(monkeypatch):
@@ -217,8 +219,8 @@ def test_automatic_tile_size_is_32_only_for_gaussians_much_larger_than_a_tile(mo
     background = background_tensor(scene.bg_color, scene.gaussians.means)
     args = (scene.gaussians, scene.w2c, scene.intrinsics, scene.image_hw, background, scene.znear, scene.zfar)
     seen = []
-    monkeypatch.setattr(gsplat_backend, "_rasterize", lambda g, w2c, i, hw, bg, zn, zf, tile: seen.append(
-        (tile, tuple(w2c.shape[:2]))) or torch_backend.render_torch(g, w2c, i, hw, bg, zn, zf, tile))
+    monkeypatch.setattr(gsplat_backend, "_rasterize", lambda g, w2c, i, hw, bg, zn, zf, tile, depth: seen.append(
+        (tile, tuple(w2c.shape[:2]))) or torch_backend.render_torch(g, w2c, i, hw, bg, zn, zf, tile, depth))
     monkeypatch.setattr(gsplat_backend, "MAX_PAIRS_PER_CALL", 10)
     large = torch.full((2, 2), 3.0)  # 12 pairs at 32 px: two calls; at 16 px, 5 a camera: one call a scene
     for small, expected in ((large * LARGE_TILE_PAIR_RATIO, [(32, (1, 2)), (32, (1, 2))]),
@@ -371,6 +373,32 @@ def test_tile_size_changes_nothing_but_speed(case, device, monkeypatch):
     for name, grad in grads[0].items():
         scale = grad.abs().max().clamp_min(1e-12)
         assert float((grad - grads[1][name]).abs().max() / scale) < 1e-4, name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="gsplat needs CUDA: measured on a GPU machine"))])
+@pytest.mark.parametrize("case", random_cases()[:2], ids=lambda scene: scene.name)
+def test_rendering_without_depth_gives_the_same_images_alphas_and_gradients(case, device):
+    """depth=False (what the losses ask for) drops the fourth channel: images and alphas as with
+    depth, and so the gradients of anything computed from them, up to the order of float sums."""
+    case = case.to(device)
+    outputs, grads = [], []
+    for depth in (True, False):
+        gaussians = case.gaussians.map(lambda t: t.detach().clone().requires_grad_(True))
+        out = render(gaussians, case.w2c, case.intrinsics, case.image_hw, case.bg_color, case.znear, case.zfar,
+                     depth=depth)
+        weights = torch.linspace(0.5, 1.5, out.images.numel(), device=device).view_as(out.images)
+        ((out.images * weights).sum() + out.alphas.square().sum()).backward()
+        outputs.append(out)
+        grads.append({name: getattr(gaussians, name).grad for name in ("means", "scales", "quats", "opacities", "colors")})
+    assert outputs[0].depths is not None and outputs[1].depths is None
+    assert outputs[0].depths.shape == outputs[0].alphas.shape
+    for name in ("images", "alphas", "means2d", "radii"):
+        a, b = getattr(outputs[0], name), getattr(outputs[1], name)
+        assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-6), (name, float((a.float() - b.float()).abs().max()))
+    for name, grad in grads[0].items():
+        assert grad.abs().max() > 0, name
+        assert float((grad - grads[1][name]).abs().max() / grad.abs().max()) < 1e-5, name
 
 
 def test_background_from_values_is_checked_and_placed():

@@ -311,7 +311,8 @@ class SceneScorer:
 
         targets = batch.target
         with torch.no_grad():
-            render = render_chunked(opt, packed.float(), targets, chunk_size=opt.eval_render_chunk_size)
+            render = render_chunked(opt, packed.float(), targets, chunk_size=opt.eval_render_chunk_size,
+                                    depth=media_tag is not None)  # depth only for the media
         mask = targets.masks[0] if bool(targets.has_mask[0].all()) else None
         result.metrics.update(score_views(opt, render.images[0].float(), targets.images[0].float(), mask,
                                           self.lpips_model))

@@ -206,7 +206,7 @@ def _uses_dyn(dyn_gaussians: Optional[Gaussians], dyn_aux_weight: float) -> bool
 def _scene_loss(opt: Options, gaussians: Gaussians, targets: Views, lpips_model,
                 rendered: Optional[RenderOutput] = None) -> LossOutput:
     """The loss of one set of Gaussians; `rendered` when the caller already rendered them."""
-    rendered = render_chunked(opt, gaussians, targets) if rendered is None else rendered
+    rendered = render_chunked(opt, gaussians, targets, depth=False) if rendered is None else rendered
     with torch.autocast(device_type=rendered.images.device.type, enabled=False):  # SSIM moments need fp32
         terms = view_terms(opt, rendered.images, rendered.alphas, targets, lpips_model)
         visibility, opacity = _gaussian_terms(opt, gaussians.map(_full_precision), targets)
@@ -233,12 +233,12 @@ def _backward_deferred(opt: Options, leaf: Gaussians, targets: Views, lpips_mode
     """Render every view without a graph, backpropagate the loss to the images, then re-render one
     view at a time (all scenes together) with a graph and push the image gradients into `leaf`."""
     with torch.no_grad():
-        rendered = render_chunked(opt, leaf, targets)
+        rendered = render_chunked(opt, leaf, targets, depth=False)
     images, alphas = rendered.images.requires_grad_(), rendered.alphas.requires_grad_()
     out = _scene_loss(opt, leaf, targets, lpips_model, replace(rendered, images=images, alphas=alphas))
     (weight * out.loss).backward()
     for v in range(targets.num_views):
-        view = render_chunked(opt, leaf, targets.select(views=slice(v, v + 1)))
+        view = render_chunked(opt, leaf, targets.select(views=slice(v, v + 1)), depth=False)
         pairs = [(out_t, grad[:, v:v + 1]) for out_t, grad in ((view.images, images.grad), (view.alphas, alphas.grad))
                  if grad is not None]
         if pairs:  # no image term on: nothing to push back
@@ -271,7 +271,7 @@ def _backward_mean_of_grads(opt: Options, leaf: Gaussians, targets: Views, lpips
         view_terms_, view_renders = [], []
         for views in _chunk_slices(num_views, view_step):
             chunk_targets = targets.select(scenes, views)
-            rendered = render_chunked(opt, chunk_gaussians, chunk_targets)
+            rendered = render_chunked(opt, chunk_gaussians, chunk_targets, depth=False)
             with torch.autocast(device_type=rendered.images.device.type, enabled=False):
                 terms = view_terms(opt, rendered.images, rendered.alphas, chunk_targets, lpips_model)
             (weight * _weighted_view_loss(opt, terms).sum() / (num_scenes * num_views)).backward()

@@ -322,7 +322,8 @@ def reconstruct(model: "TokenGS", opt: Options, capture: Capture, request: Reque
     values = []
     if targets.num_views:
         with timer.phase("render_metrics"), torch.no_grad():
-            pred = render_chunked(opt, packed, targets, chunk_size=opt.eval_render_chunk_size).images[0].clamp(0, 1)
+            pred = render_chunked(opt, packed, targets, chunk_size=opt.eval_render_chunk_size,
+                                  depth=False).images[0].clamp(0, 1)
             # one view per "scene": the metrics' per-scene values are then per view
             values = torch.stack([psnr(pred[:, None], gt[:, None]), ssim(pred[:, None], gt[:, None])], 1).tolist()
     names = capture.meta.frame_names

@@ -13,7 +13,8 @@ kernel does for half-precision inputs; gradients of weight and bias accumulate i
 
 from __future__ import annotations
 
-from typing import Tuple
+import logging
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -24,6 +25,10 @@ try:
 except ImportError:  # a torch build without Triton: HeadNorm keeps torch's kernel
     triton = None
 
+log = logging.getLogger(__name__)
+_unavailable: Optional[str] = None  # why the kernel could not be built here, once it could not
+_ran = False  # it ran once: a later failure is not the toolchain's
+
 # (rows per program, warps per program) of each kernel: the fastest of 20 (8-128 rows, 1-8 warps)
 # on an H200 at 4096 and 10752 rows of 16 heads (within noise of most others)
 FORWARD_LAUNCH = (16, 4)
@@ -32,7 +37,7 @@ BACKWARD_LAUNCH = (16, 1)
 
 def supports(x: Tensor) -> bool:
     """Whether x [B, H, L, d] (channels contiguous, on a GPU, outside torch.compile) can take the kernel."""
-    return (triton is not None and x.is_cuda and x.dim() == 4 and x.stride(-1) == 1
+    return (triton is not None and _unavailable is None and x.is_cuda and x.dim() == 4 and x.stride(-1) == 1
             and x.numel() < 2**31 and not torch.compiler.is_compiling())  # int32 offsets in the kernels
 
 
@@ -117,9 +122,23 @@ class _HeadLayerNorm(torch.autograd.Function):
         return dx, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype), None
 
 
-def head_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+def head_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Optional[Tensor]:
     """LayerNorm of x [B, H, L, d] over d (any strides with d contiguous) -> [B, H, L, d] contiguous, x's dtype.
 
     weight, bias [d] (float32 parameters are used as they are); differentiable in all three.
+    None where the kernel cannot be built here (Triton compiles it at its first use, with the
+    machine's C compiler): the warning says why, and `supports` is False from then on, so the
+    caller's own LayerNorm takes over. A failure after a first success is raised.
     """
-    return _HeadLayerNorm.apply(x, weight, bias, eps)
+    global _unavailable, _ran
+    try:
+        out = _HeadLayerNorm.apply(x, weight, bias, eps)
+    except Exception as exc:
+        if _ran:
+            raise
+        _unavailable = f"{type(exc).__name__}: {exc}".strip()
+        log.warning("the per-head LayerNorm kernel cannot run here (%s); torch's slower LayerNorm is used instead",
+                    _unavailable.splitlines()[0])
+        return None
+    _ran = True
+    return out

@@ -39,7 +39,9 @@ class HeadNorm(nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
             if head_norm_kernel.supports(x):
-                return head_norm_kernel.head_layer_norm(x, self.weight, self.bias, self.eps)
+                out = head_norm_kernel.head_layer_norm(x, self.weight, self.bias, self.eps)
+                if out is not None:
+                    return out
             with torch.autocast(x.device.type, enabled=False):
                 return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
         return super().forward(x)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -37,17 +37,20 @@ class RenderOutput:
 
     images: Tensor  # [B, V, 3, H, W] rgb composited over the background
     alphas: Tensor  # [B, V, 1, H, W] accumulated opacity (1 - final transmittance)
-    depths: Tensor  # [B, V, 1, H, W] expected z-depth: sum(w z) / alpha, 0 where alpha is 0
+    # [B, V, 1, H, W] expected z-depth: sum(w z) / alpha, 0 where alpha is 0; None where not asked for
+    depths: Optional[Tensor]
     means2d: Tensor  # [B, V, N, 2] projected centers in pixels; 0 for Gaussians culled in that view
     radii: Tensor  # [B, V, N, 2] int32 footprint half-extent in pixels (x, y); 0 = culled in that view
 
     def map(self, fn) -> "RenderOutput":
-        return RenderOutput(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+        return RenderOutput(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                               for f in fields(self)})
 
     @staticmethod
     def cat(parts: list["RenderOutput"], dim: int) -> "RenderOutput":
         """Concatenate along scenes (dim 0) or views (dim 1)."""
-        return RenderOutput(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=dim) for f in fields(RenderOutput)})
+        return RenderOutput(**{f.name: None if getattr(parts[0], f.name) is None
+                               else torch.cat([getattr(p, f.name) for p in parts], dim=dim) for f in fields(RenderOutput)})
 
 
 def intrinsics_matrices(intrinsics: Tensor) -> Tensor:

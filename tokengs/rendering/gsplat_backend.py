@@ -27,9 +27,11 @@ MAX_ENTRIES_PER_CALL = 2**31 - 1
 
 
 def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
-                  background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE) -> RenderOutput:
-    """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput.
-    tile_size AUTO_TILE: 16 or 32 pixels, as `resolve_tile_size` picks for these cameras."""
+                  background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE,
+                  depth: bool = True) -> RenderOutput:
+    """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput
+    (depths None unless `depth`). tile_size AUTO_TILE: 16 or 32 pixels, as `resolve_tile_size`
+    picks for these cameras."""
     max_pairs, max_cameras = call_limits(gaussians.means.shape[1], gaussians.means.device)
     sizes = (TILE_SIZE, LARGE_TILE) if tile_size == AUTO_TILE else (tile_size,)
     pairs = dict(zip(sizes, count_tile_pairs(gaussians, w2c, intrinsics, image_hw, znear, zfar, sizes=sizes,
@@ -39,7 +41,7 @@ def render_gsplat(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_h
     per_scene: list[tuple[slice, list[RenderOutput]]] = []
     for scenes, views in calls:
         out = _rasterize(gaussians.map(lambda t: t[scenes]), w2c[scenes, views], intrinsics[scenes, views], image_hw,
-                         background, znear, zfar, tile_size)
+                         background, znear, zfar, tile_size, depth)
         if per_scene and per_scene[-1][0] == scenes:  # the next views of the same scene
             per_scene[-1][1].append(out)
         else:
@@ -118,7 +120,7 @@ def _view_chunks(pairs: list[float], max_pairs: float, max_cameras: int) -> list
 
 
 def _rasterize(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
-               background: Tensor, znear: float, zfar: float, tile_size: int) -> RenderOutput:
+               background: Tensor, znear: float, zfar: float, tile_size: int, depth: bool) -> RenderOutput:
     """One call: Gaussians [b, N] into cameras w2c [b, v, 4, 4] (gsplat's leading batch dims)."""
     from gsplat import rasterization  # imported here: the package needs CUDA to run
 
@@ -127,11 +129,12 @@ def _rasterize(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: 
     rendered, alphas, meta = rasterization(
         means=gaussians.means, quats=gaussians.quats, scales=gaussians.scales, opacities=gaussians.opacities,
         colors=gaussians.colors, viewmats=w2c, Ks=intrinsics_matrices(intrinsics), width=width, height=height,
-        near_plane=znear, far_plane=zfar, eps2d=EPS2D, packed=False, render_mode="RGB+ED",
+        near_plane=znear, far_plane=zfar, eps2d=EPS2D, packed=False, render_mode="RGB+ED" if depth else "RGB",
         backgrounds=background.expand(batch, views, 3), tile_size=tile_size,
-    )  # rendered [b, v, H, W, 4], alphas [b, v, H, W, 1]
+    )  # rendered [b, v, H, W, 3 + depth], alphas [b, v, H, W, 1]
     radii = meta["radii"]  # [b, v, N, 2] int32, 0 where culled
     # gsplat leaves means2d of culled Gaussians uninitialised; zero them as the torch backend does
     means2d = torch.where((radii > 0).all(-1, keepdim=True), meta["means2d"], torch.zeros_like(meta["means2d"]))
     return RenderOutput(images=rendered[..., :3].permute(0, 1, 4, 2, 3), alphas=alphas.permute(0, 1, 4, 2, 3),
-                        depths=rendered[..., 3:].permute(0, 1, 4, 2, 3), means2d=means2d, radii=radii)
+                        depths=rendered[..., 3:].permute(0, 1, 4, 2, 3) if depth else None, means2d=means2d,
+                        radii=radii)

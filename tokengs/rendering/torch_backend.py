@@ -189,9 +189,10 @@ def rasterize_view(means2d: Tensor, conics: Tensor, opacities: Tensor, features:
 
 
 def render_torch(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
-                 background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE) -> RenderOutput:
-    """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput.
-    tile_size AUTO_TILE renders with TILE_SIZE (the choice is gsplat's)."""
+                 background: Tensor, znear: float, zfar: float, tile_size: int = TILE_SIZE,
+                 depth: bool = True) -> RenderOutput:
+    """Gaussians [B, N], w2c [B, V, 4, 4], intrinsics [B, V, 4], background [3] -> RenderOutput
+    (depths None unless `depth`). tile_size AUTO_TILE renders with TILE_SIZE (the choice is gsplat's)."""
     tile_size = TILE_SIZE if tile_size == AUTO_TILE else tile_size
     proj = project_gaussians(gaussians, w2c, intrinsics, image_hw, znear, zfar)
     num_views = w2c.shape[1]
@@ -199,15 +200,16 @@ def render_torch(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw
     for b in range(w2c.shape[0]):
         for v in range(num_views):
             # depth rides along as a fourth colour, as in gsplat's RGB+D mode
-            features = torch.cat([gaussians.colors[b], proj.depths[b, v, :, None]], dim=-1)
+            features = torch.cat([gaussians.colors[b], proj.depths[b, v, :, None]], dim=-1) if depth \
+                else gaussians.colors[b]
             views.append(rasterize_view(proj.means2d[b, v], proj.conics[b, v], gaussians.opacities[b], features,
                                         proj.depths[b, v], proj.radii[b, v], proj.visible[b, v], image_hw, tile_size))
-    accumulated = torch.stack([acc for acc, _ in views]).unflatten(0, (-1, num_views))  # [B, V, H, W, 4]
+    accumulated = torch.stack([acc for acc, _ in views]).unflatten(0, (-1, num_views))  # [B, V, H, W, 3 or 4]
     transmittance = torch.stack([t for _, t in views]).unflatten(0, (-1, num_views))[..., None]  # [B, V, H, W, 1]
     images = accumulated[..., :3] + transmittance * background
     alphas = 1 - transmittance
-    depths = accumulated[..., 3:] / alphas.clamp_min(1e-10)
-    return RenderOutput(images=_channels_first(images), alphas=_channels_first(alphas), depths=_channels_first(depths),
+    depths = _channels_first(accumulated[..., 3:] / alphas.clamp_min(1e-10)) if depth else None
+    return RenderOutput(images=_channels_first(images), alphas=_channels_first(alphas), depths=depths,
                         means2d=proj.means2d, radii=proj.radii)
 
 
