@@ -43,15 +43,23 @@ def supports(x: Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _forward_kernel(X, Y, W, Bias, Mean, Rstd, stride_b, stride_h, stride_l, num_heads, length, eps,
-                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-        head = tl.program_id(1)  # b * num_heads + h
+    def _load_rows(X, stride_b, stride_h, stride_l, num_heads, length, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr):
+        """This program's rows of one head of X, in float32 [BLOCK_ROWS, BLOCK_D] (0 outside X),
+        with the head's index (b * num_heads + h), the rows', the columns' and the mask."""
+        head = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_D)
         mask = (rows[:, None] < length) & (cols[None, :] < D)
         x_ptrs = (X + (head // num_heads) * stride_b + (head % num_heads) * stride_h
                   + rows[:, None] * stride_l + cols[None, :])
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        return head, rows, cols, mask, tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _forward_kernel(X, Y, W, Bias, Mean, Rstd, stride_b, stride_h, stride_l, num_heads, length, eps,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+        head, rows, cols, mask, x = _load_rows(X, stride_b, stride_h, stride_l, num_heads, length, D, BLOCK_D,
+                                               BLOCK_ROWS)
         mean = tl.sum(x, axis=1) / D
         centered = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
@@ -66,13 +74,8 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(X, DY, DX, W, Mean, Rstd, PartialW, PartialB, stride_b, stride_h, stride_l, num_heads,
                          length, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-        head = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        cols = tl.arange(0, BLOCK_D)
-        mask = (rows[:, None] < length) & (cols[None, :] < D)
-        x_ptrs = (X + (head // num_heads) * stride_b + (head % num_heads) * stride_h
-                  + rows[:, None] * stride_l + cols[None, :])
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        head, rows, cols, mask, x = _load_rows(X, stride_b, stride_h, stride_l, num_heads, length, D, BLOCK_D,
+                                               BLOCK_ROWS)
         row_ids = head * length + rows
         out_offsets = row_ids[:, None] * D + cols[None, :]
         dy = tl.load(DY + out_offsets, mask=mask, other=0.0).to(tl.float32)
