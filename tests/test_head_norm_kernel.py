@@ -71,6 +71,13 @@ def test_compiled_kernel_equals_layer_norm(dtype, length, dim):
     compare_with_layer_norm("cuda", dtype, length, dim)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU: run on a two-GPU machine")
+def test_kernel_runs_on_the_device_of_its_input_not_the_current_one():
+    assert torch.cuda.current_device() == 0
+    compare_with_layer_norm("cuda:1", torch.bfloat16, 100, 64)
+
+
 def test_head_norm_takes_the_kernel_only_for_strided_4d_cuda_inputs():
     from tokengs.models import head_norm_kernel
 

@@ -107,8 +107,9 @@ class _HeadLayerNorm(torch.autograd.Function):
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         mean = torch.empty(batch * heads * length, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
-        _forward_kernel[grid](x, y, weight, bias, mean, rstd, x.stride(0), x.stride(1), x.stride(2), heads, length,
-                              eps, **meta)
+        with torch.cuda.device_of(x):  # Triton launches on the current device, which need not be x's
+            _forward_kernel[grid](x, y, weight, bias, mean, rstd, x.stride(0), x.stride(1), x.stride(2), heads,
+                                  length, eps, **meta)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
@@ -120,8 +121,9 @@ class _HeadLayerNorm(torch.autograd.Function):
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         partial_w = torch.empty(grid[0] * grid[1], dim, dtype=torch.float32, device=x.device)
         partial_b = torch.empty_like(partial_w)
-        _backward_kernel[grid](x, dy.contiguous(), dx, weight, mean, rstd, partial_w, partial_b, x.stride(0),
-                               x.stride(1), x.stride(2), heads, length, **meta)
+        with torch.cuda.device_of(x):
+            _backward_kernel[grid](x, dy.contiguous(), dx, weight, mean, rstd, partial_w, partial_b, x.stride(0),
+                                   x.stride(1), x.stride(2), heads, length, **meta)
         return dx, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype), None
 
 
