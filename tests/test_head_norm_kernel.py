@@ -81,6 +81,11 @@ def test_kernel_runs_on_the_device_of_its_input_not_the_current_one():
 def test_head_norm_takes_the_kernel_only_for_strided_4d_cuda_inputs():
     from tokengs.models import head_norm_kernel
 
+    # the kernels' int32 offsets must reach x's last element: the span of the view, not its numel
+    qkv = torch.arange(2 * 5 * 3 * 4 * 8).view(2, 5, 3, 4, 8)
+    for x in qkv.permute(2, 0, 3, 1, 4):
+        assert head_norm_kernel._span(x) == int(x.max() - x.min()) + 1 == 2 * 5 * 3 * 4 * 8 - 2 * 32
+
     assert not head_norm_kernel.supports(torch.zeros(1, 2, 3, 4))  # CPU: torch's LayerNorm
     if torch.cuda.is_available():
         assert head_norm_kernel.supports(torch.zeros(2, 5, 3, 4, device="cuda").transpose(1, 2))

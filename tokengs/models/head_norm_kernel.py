@@ -38,7 +38,12 @@ BACKWARD_LAUNCH = (16, 1)
 def supports(x: Tensor) -> bool:
     """Whether x [B, H, L, d] (channels contiguous, on a GPU, outside torch.compile) can take the kernel."""
     return (triton is not None and _unavailable is None and x.is_cuda and x.dim() == 4 and x.stride(-1) == 1
-            and x.numel() < 2**31 and not torch.compiler.is_compiling())  # int32 offsets in the kernels
+            and _span(x) < 2**31 and not torch.compiler.is_compiling())  # int32 offsets in the kernels
+
+
+def _span(x: Tensor) -> int:
+    """Elements from x's first to its last (what the kernels' offsets must reach), at least its numel."""
+    return max(x.numel(), 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())))
 
 
 if triton is not None:
