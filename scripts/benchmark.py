@@ -3,6 +3,7 @@ elsewhere (the release's own code included).
 
     python scripts/benchmark.py --out DIR [--cases train_6view_b4 ttt_latent ...]
         [--gaussians fresh|spread|trained ...] [--weights PATH] [--batch PATH] [--save_inputs DIR]
+        [--compare EARLIER/results.json]
 
 Per case: median, min and max milliseconds over the timed repeats after warm-up (3 and 10; 1
 and 3 for the tuning cases, 50 steps each), peak GiB, model TFLOP/s (the model's forward FLOPs
@@ -10,7 +11,8 @@ from torch's FLOP counter, x3 for a training step; rendering is not counted), an
 the case's Gaussians costs (their mean screen radius, the (Gaussian, tile) pairs per view, the
 share of the pixels they cover; measured before the timed steps). SSIM
 and LPIPS terms are off like the anchors'; bf16 autocast on CUDA, and training's fused AdamW.
-The table goes to stdout, every result to DIR/results.json.
+The table goes to stdout, every result to DIR/results.json; `--compare` sets each case beside an
+earlier run's of the same work (before and now: median ms, peak GiB, speed-up).
 
 What is timed. `--gaussians` (several may be given; each case runs once per value; default:
 trained for the tuning cases, fresh for the others):
@@ -580,8 +582,38 @@ def table(results: list[dict]) -> str:
                      "-" if r["model_tflops"] is None else f"{r['model_tflops']:.1f}",
                      f"{r['mean_radius_px']:.0f}", str(r["tile_px"]), f"{r['tile_pairs_per_view']:.3g}",
                      f"{r['coverage']:.0%}", str(r["release_ms"] or "-"), ratio])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return aligned(rows)
+
+
+def aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+# What makes two results time the same work: the case and every switch that changes it.
+SAME_WORK = ("case", "gaussians", "weights", "batch", "activation_checkpointing", "compile_blocks", "render_tile_size")
+
+
+def read_earlier(path: Path) -> list[dict]:
+    """The results of an earlier run (its results.json), for --compare; ValueError saying why not."""
+    try:
+        return json.loads(path.read_text())["results"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--compare {path}: not a benchmark results.json ({type(exc).__name__}: {exc}); give the "
+                         "results.json an earlier run wrote") from None
+
+
+def comparison(results: list[dict], earlier: list[dict]) -> str:
+    """Each result beside the earlier run's of the same work (`SAME_WORK`): median ms and peak GiB
+    before and now, and the speed-up (before / now)."""
+    before = {tuple(r.get(k) for k in SAME_WORK): r for r in earlier}
+    rows = [["case", "gaussians", "before ms", "now ms", "speed-up", "before GiB", "now GiB"]]
+    for r in results:
+        old = before.get(tuple(r.get(k) for k in SAME_WORK))
+        gib = lambda x: "-" if x is None or math.isnan(x["peak_gib"]) else f"{x['peak_gib']:.1f}"
+        rows.append([r["case"], r["gaussians"], "-" if old is None else f"{old['median_ms']:.1f}", f"{r['median_ms']:.1f}",
+                     "-" if old is None else f"{old['median_ms'] / r['median_ms']:.2f}x", gib(old), gib(r)])
+    return aligned(rows)
 
 
 def main(argv=None) -> int:
@@ -608,7 +640,16 @@ def main(argv=None) -> int:
     parser.add_argument("--render_tile_size", type=int, default=AUTO_TILE,
                         help="gsplat's tile edge: 16 (gsplat's default), 32, or 0 (the options' default: 16 or 32 "
                              "per render, as the Gaussians' size calls for)")
+    parser.add_argument("--compare", type=Path, help="an earlier run's results.json: also print each case's time "
+                                                     "and memory before and now")
     args = parser.parse_args(argv)
+    earlier = None
+    if args.compare is not None:
+        try:
+            earlier = read_earlier(args.compare)
+        except ValueError as exc:
+            print(f"benchmark: {exc}", file=sys.stderr)
+            return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.smoke and device.type != "cuda":
         print("benchmark: the anchor cases need a GPU (gsplat); use --smoke on a CPU", file=sys.stderr)
@@ -638,6 +679,8 @@ def main(argv=None) -> int:
             results.append(result)
             write_results(args.out / "results.json", device, results)  # after every case: a cut-off run keeps its cases
     print(table(results))
+    if earlier is not None:
+        print(f"\nagainst {args.compare}:\n{comparison(results, earlier)}")
     if refused:
         print(f"benchmark: not timed, their trained Gaussians render almost nothing: {', '.join(refused)}",
               file=sys.stderr)

@@ -41,6 +41,29 @@ def test_smoke_runs_every_case_and_writes_json(tmp_path):
     assert "median ms" in done.stdout  # the table
 
 
+def test_compare_sets_each_case_beside_the_earlier_run_of_the_same_work(tmp_path, capsys):
+    earlier = tmp_path / "earlier.json"
+    assert benchmark.main(["--smoke", "--out", str(tmp_path / "now"), "--cases", "recon_6view", "ttt_6view",
+                           "--gaussians", "fresh", "--compare", str(earlier)]) == 2
+    assert f"--compare {earlier}: not a benchmark results.json" in capsys.readouterr().err  # before any case ran
+    assert not (tmp_path / "now").exists()
+
+    previous = {"case": "recon_6view", "gaussians": "fresh", "weights": "", "batch": "",
+                "activation_checkpointing": False, "compile_blocks": False, "render_tile_size": 0,
+                "median_ms": 1000.0, "peak_gib": float("nan")}
+    other_switch = dict(previous, case="ttt_6view", compile_blocks=True)  # not the same work: no pair
+    earlier.write_text(json.dumps({"results": [previous, other_switch]}))
+    assert benchmark.main(["--smoke", "--out", str(tmp_path / "now"), "--cases", "recon_6view", "ttt_6view",
+                           "--gaussians", "fresh", "--compare", str(earlier)]) == 0
+    now = {r["case"]: r for r in json.loads((tmp_path / "now" / "results.json").read_text())["results"]}
+    lines = capsys.readouterr().out.split(f"against {earlier}:")[1].strip().splitlines()
+    assert lines[0].split() == ["case", "gaussians", "before", "ms", "now", "ms", "speed-up", "before", "GiB", "now",
+                                "GiB"]
+    assert lines[1].split()[:5] == ["recon_6view", "fresh", "1000.0", f"{now['recon_6view']['median_ms']:.1f}",
+                                    f"{1000.0 / now['recon_6view']['median_ms']:.2f}x"]
+    assert lines[2].split()[:5] == ["ttt_6view", "fresh", "-", f"{now['ttt_6view']['median_ms']:.1f}", "-"]
+
+
 def gaussians_and_loss(model, batch, opt):
     with torch.no_grad():
         packed = model.forward_gaussians(batch)

@@ -37,8 +37,9 @@ BACKWARD_LAUNCH = (16, 1)
 
 def supports(x: Tensor) -> bool:
     """Whether x [B, H, L, d] (channels contiguous, on a GPU, outside torch.compile) can take the kernel."""
-    return (triton is not None and _unavailable is None and x.is_cuda and x.dim() == 4 and x.stride(-1) == 1
-            and _span(x) < 2**31 and not torch.compiler.is_compiling())  # int32 offsets in the kernels
+    # torch.compile first: a compiled block fuses its own LayerNorm and traces nothing of this
+    return (not torch.compiler.is_compiling() and triton is not None and _unavailable is None and x.is_cuda
+            and x.dim() == 4 and x.stride(-1) == 1 and _span(x) < 2**31)  # int32 offsets in the kernels
 
 
 def _span(x: Tensor) -> int:
