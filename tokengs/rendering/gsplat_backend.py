@@ -91,32 +91,27 @@ def plan_calls(pairs: Tensor, max_pairs: float, max_cameras: Optional[int] = Non
     max_cameras = max_cameras or num_scenes * num_views
     merge_pairs = max_pairs if merge_pairs is None else merge_pairs
     per_scene = pairs.sum(1).tolist()
-    calls, start = [], 0
-    while start < num_scenes:
-        stop, total = start + 1, per_scene[start]
-        while (stop < num_scenes and total + per_scene[stop] <= merge_pairs
-               and (stop + 1 - start) * num_views <= max_cameras):
-            total += per_scene[stop]
-            stop += 1
-        if stop - start > 1 or (total <= max_pairs and num_views <= max_cameras):
-            calls.append((slice(start, stop), slice(0, num_views)))
+    calls = []
+    for scenes in _runs(per_scene, merge_pairs, max_cameras // num_views):
+        if scenes.stop - scenes.start > 1 or (per_scene[scenes.start] <= max_pairs and num_views <= max_cameras):
+            calls.append((scenes, slice(0, num_views)))
         else:
-            calls += [(slice(start, stop), views)
-                      for views in _view_chunks(pairs[start].tolist(), max_pairs, max_cameras)]
-        start = stop
+            calls += [(scenes, views) for views in _runs(pairs[scenes.start].tolist(), max_pairs, max_cameras)]
     return calls
 
 
-def _view_chunks(pairs: list[float], max_pairs: float, max_cameras: int) -> list[slice]:
-    chunks, start = [], 0
-    while start < len(pairs):
-        stop, total = start + 1, pairs[start]
-        while stop < len(pairs) and total + pairs[stop] <= max_pairs and stop + 1 - start <= max_cameras:
-            total += pairs[stop]
+def _runs(values: list[float], max_sum: float, max_count: int) -> list[slice]:
+    """Consecutive runs of `values`, each as long as its sum stays within max_sum and its length
+    within max_count (at least one value each)."""
+    runs, start = [], 0
+    while start < len(values):
+        stop, total = start + 1, values[start]
+        while stop < len(values) and total + values[stop] <= max_sum and stop + 1 - start <= max_count:
+            total += values[stop]
             stop += 1
-        chunks.append(slice(start, stop))
+        runs.append(slice(start, stop))
         start = stop
-    return chunks
+    return runs
 
 
 def _rasterize(gaussians: Gaussians, w2c: Tensor, intrinsics: Tensor, image_hw: tuple[int, int],
