@@ -166,3 +166,42 @@ def test_preempted_two_process_run_resumes_at_its_step_to_the_same_weights(distr
     ours, reference = load_file(workspace / ws.MODEL_FILE), load_file(two / ws.MODEL_FILE)
     worst = max((ours[k] - reference[k]).abs().max().item() for k in reference)
     assert worst <= 1e-6, f"the resumed run's weights differ from the uninterrupted run's by up to {worst}"
+
+
+# ---- how a process of several ends -----------------------------------------------------------------
+
+EXIT_PROGRAM = """
+import atexit, sys
+from tokengs.cli import entry_point
+
+class Teardown:
+    def __del__(self):
+        print("interpreter teardown ran", flush=True)
+
+kept_until_teardown = Teardown()
+atexit.register(lambda: print("atexit handler ran", end=""))  # unflushed on purpose
+
+@entry_point
+def main(argv):
+    print("work done", end="")
+    if argv[0] == "bug":
+        raise ValueError("a bug")
+    sys.exit(int(argv[0]))
+
+main()
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+@pytest.mark.parametrize("outcome, code", [("0", 0), ("3", 3), ("bug", 1)])
+def test_a_process_of_several_exits_with_its_code_and_output_but_without_interpreter_teardown(
+        world_size, outcome, code):
+    """torch 2.14's DDP keeps gloo's threads alive past destroy_process_group, and the interpreter's
+    teardown then aborts now and then: a process of a multi-process launch skips the teardown."""
+    env = dict(ONE_THREAD_ENV, WORLD_SIZE=world_size, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", EXIT_PROGRAM, outcome], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == code, done.stderr
+    assert done.stdout.startswith("work done") and "atexit handler ran" in done.stdout
+    assert ("interpreter teardown ran" in done.stdout) == (world_size == "1")
+    assert ("ValueError: a bug" in done.stderr) == (outcome == "bug")

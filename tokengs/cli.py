@@ -17,6 +17,7 @@ traceback too. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import difflib
@@ -254,8 +255,38 @@ def entry_point(main: Main) -> Main:
     """Give a command's `main(argv=None)` the one rule for errors (see run_main): `@entry_point`."""
     @functools.wraps(main)
     def wrapped(argv: Optional[Sequence[str]] = None):
+        if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            exit_skipping_teardown(lambda: run_main(main))
         return run_main(main, argv)
     return typing.cast(Main, wrapped)
+
+
+def exit_skipping_teardown(call: Callable[[], typing.Any]) -> typing.NoReturn:
+    """Run call() and end the process as Python would (same exit code, output flushed, atexit
+    handlers run) but without the interpreter's teardown. One process of several has joined a
+    process group, and torch 2.14's DistributedDataParallel keeps gloo's process group, and its
+    threads, alive past destroy_process_group; at interpreter teardown those threads now and then
+    abort the process (SIGABRT, "terminate called without an active exception") after its work
+    is done and saved, failing the launch. Used when a command runs as a program, never in-process."""
+    code = 0
+    try:
+        call()
+    except SystemExit as exc:
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # a bug: its traceback, as Python prints an uncaught exception
+        traceback.print_exc()
+        code = 1
+    try:
+        atexit._run_exitfuncs()  # what a normal exit runs first (logging.shutdown flushes the log handlers)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
