@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     if not Path(args.kubric_root).is_dir():
         problems.append(f"--kubric_root {args.kubric_root}: no such folder (`python -m tokengs.data.synthetic "
                         f"--layout kubric --out {args.kubric_root} --scenes 2` makes a synthetic one)")
-    opt = rendering_options(args.preset or (None if args.workspace else DEFAULT_PRESET), args.workspace,
+    opt = rendering_options(args.ckpt, args.preset or (None if args.workspace else DEFAULT_PRESET), args.workspace,
                             {"root_path": args.kubric_root}, problems)
     model, dataset, device = load_for_rendering(opt, args.ckpt, problems, "rendering", dynamic_model_problems)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,27 +11,21 @@ from typing import Callable, Optional
 import torch
 
 from tokengs.cli import fail
-from tokengs.options import Options, OptionsError, get_preset
+from tokengs.options import Options, OptionsError
 
 # DL3DV's two folder layouts (data/DATA.md): a model trained on one renders scenes of the other.
 DL3DV_LAYOUTS = ("dl3dv", "dl3dv_eval")
 
 
-def rendering_options(preset: Optional[str], workspace: Optional[str], dataset_kwargs: dict,
+def rendering_options(ckpt: Path, preset: Optional[str], workspace: Optional[str], dataset_kwargs: dict,
                       problems: list[str]) -> Optional[Options]:
-    """The options of a preset or of a training workspace's config.yaml, set up to render
-    evaluation scenes with the given dataset kwargs (None values are left as they are)."""
-    try:
-        if workspace:
-            config = Path(workspace) / "config.yaml"
-            if not config.is_file():
-                problems.append(f"--workspace {workspace}: no config.yaml there (a training workspace writes one)")
-                return None
-            opt = Options.load_yaml(config)
-        else:
-            opt = get_preset(preset)
-    except (OptionsError, KeyError, ValueError) as exc:
-        problems.append(f"{'--workspace ' + workspace if workspace else '--preset ' + str(preset)}: {exc}")
+    """The options of a preset (None: the released checkpoint's own, by its file name) or of a
+    training workspace's config.yaml, as reconstruct resolves them, set up to render evaluation
+    scenes with the given dataset kwargs (None values are left as they are)."""
+    from tokengs.reconstruct import resolve_options
+
+    opt, _, _ = resolve_options(str(ckpt), preset, workspace, problems)
+    if opt is None:
         return None
     kwargs = dict(opt.dataset_kwargs or {})
     kwargs.update({k: v for k, v in dataset_kwargs.items() if v is not None})

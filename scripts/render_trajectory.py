@@ -1,10 +1,10 @@
 """Render a smooth camera path through the context cameras of reconstructed scenes, and their PLY.
 
-    python scripts/render_trajectory.py --ckpt C (--preset P | --workspace W) --out_dir O \
+    python scripts/render_trajectory.py --ckpt C [--preset P | --workspace W] --out_dir O \
         [--root DATASET_ROOT] [--evaluation_json J] [--scene_idx I] [--n_scenes K] [--frames 120] [--fps 24]
 
-Any checkpoint and any dataset of the registry: the options come from a preset or from a
-training workspace's config.yaml; --root / --evaluation_json override the dataset's. A DL3DV
+Any checkpoint and any dataset of the registry: the options come from a preset (a released
+checkpoint's own without --preset) or from a training workspace's config.yaml; --root / --evaluation_json override the dataset's. A DL3DV
 root is read in the layout found there (training or benchmark, data/DATA.md), whichever the options
 name. Scenes are the evaluation views of the options' first dataset (the JSON's choice where there is one).
 Per scene: O/trajectory_<scene>.mp4 and O/gaussians_<scene>.ply.
@@ -12,7 +12,6 @@ Per scene: O/trajectory_<scene>.mp4 and O/gaussians_<scene>.ply.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tokengs.cameras import path_through_cameras  # noqa: E402
+from tokengs.cli import CommandParser  # noqa: E402
 from tokengs.data.types import Batch  # noqa: E402
 from tokengs.gaussians import Gaussians  # noqa: E402
 from tokengs.media import save_video  # noqa: E402
@@ -43,10 +43,11 @@ def render_scene(model: TokenGS, opt: Options, batch: Batch, frames: int) -> tup
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python scripts/render_trajectory.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="model weights (.safetensors, .pt, .pth)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help="a preset name (python -m tokengs.train --help lists them)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="a preset name (python -m tokengs.train --help lists them; default: a "
+                                         "released checkpoint's own)")
     source.add_argument("--workspace", help="a training workspace: its config.yaml gives the options")
     parser.add_argument("--out_dir", required=True, type=Path)
     parser.add_argument("--root", help="dataset root (overrides the options' root_path)")
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     problems: list[str] = []
-    opt = rendering_options(args.preset, args.workspace,
+    opt = rendering_options(Path(args.ckpt), args.preset, args.workspace,
                             {"root_path": args.root, "evaluation_json": args.evaluation_json}, problems)
     if opt is not None:
         opt = in_layout_of_root(opt, problems)

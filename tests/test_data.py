@@ -592,6 +592,20 @@ def test_check_cli_flags_kubric_size_mismatch_and_short_scene(tmp_path):
     assert "aspect ratio" in problems and "fewer than the 4" in problems
 
 
+def test_check_command_mistakes_exit_2_listing_every_one_before_reading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        check_main(["dl3dv", "--root", str(tmp_path / "absent"), "--preset", "dmeo"])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error: fix 2 problem(s) before checking:"
+    assert "unknown preset 'dmeo' (did you mean demo?)" in lines[1] and f"--root {tmp_path / 'absent'}" in lines[2]
+    with pytest.raises(SystemExit) as stopped:
+        check_main(["dl3dv", "--rot", str(tmp_path)])
+    assert stopped.value.code == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("error: the following arguments are required: --root") and "data.check --help" in first
+
+
 # ---------------------------------------------------------------------------------------------
 # Resilient loading
 # ---------------------------------------------------------------------------------------------

@@ -821,7 +821,11 @@ def test_an_all_transparent_prediction_scores_as_its_background():
 MISTAKES = [
     (["tiny_evl"], "unknown preset 'tiny_evl' (did you mean tiny_eval"),
     (["--lrr", "0.1"], "unknown flag --lrr; did you mean --lr?"),
-    (["--lr", "abc"], "--lr: could not convert string to float: 'abc'"),
+    (["--lr", "abc"], "--lr takes a number, not 'abc'"),
+    (["--batch_size", "2.5"], "--batch_size takes an integer, not '2.5'"),
+    (["--use_wandb", "maybe"], "--use_wandb is a switch: give it alone (--no-use_wandb turns it off) or as "
+                               "--use_wandb True|False, not 'maybe'"),
+    ([], "name a preset before the flags"),
     (["--deferred_bp", "--mean_of_grads", "per-view"], "deferred_bp and mean_of_grads both change backpropagation"),
     (["--batch_size", "0"], "batch_size=0 is out of range: it must be an integer >= 1; set --batch_size"),
     (["--lr", "nan"], "lr=nan is out of range: it must be a finite number > 0; set --lr"),
@@ -830,11 +834,12 @@ MISTAKES = [
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize("args, says", MISTAKES, ids=["preset", "flag", "type", "conflict", "batch", "lr", "epochs"])
+@pytest.mark.parametrize("args, says", MISTAKES, ids=["preset", "flag", "type", "integer", "switch", "no-preset",
+                                                      "conflict", "batch", "lr", "epochs"])
 def test_command_line_mistakes_exit_2_with_one_line_before_any_data(entry, args, says, tmp_path, capsys):
     missing_root = tmp_path / "no_data_here"  # were the data read first, this would be the complaint
     workspace = tmp_path / "ws"
-    preset = [] if args[0] == "tiny_evl" else ["tiny_eval" if entry == "evaluate" else "tiny"]
+    preset = [] if args[:1] in (["tiny_evl"], []) else ["tiny_eval" if entry == "evaluate" else "tiny"]
     with pytest.raises(SystemExit) as stop:
         ENTRY_POINTS[entry]([*preset, *args, "--workspace", str(workspace), "--dataset_kwargs", "root_path",
                              str(missing_root)])

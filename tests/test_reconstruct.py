@@ -109,6 +109,9 @@ def room(tmp_path_factory):
              "nerfstudio": write_nerfstudio(base / "nerfstudio", *args),
              "instant_ngp": write_instant_ngp(base / "instant_ngp", *args),
              "dl3dv_folder": unzipped_with_images_4(scene.path, base / "dl3dv_folder")}
+    # an unzipped DL3DV benchmark scene: <hash>/gaussian_splat/ holds the capture
+    paths["dl3dv_benchmark_folder"] = base / "benchmark" / scene.path.stem
+    shutil.copytree(paths["dl3dv_folder"], paths["dl3dv_benchmark_folder"] / "gaussian_splat")
     return scene, paths
 
 
@@ -123,14 +126,14 @@ def unzipped_with_images_4(zip_path: Path, root: Path) -> Path:
 
 
 # the format each capture is read as: an unzipped DL3DV scene is a nerfstudio capture
-READ_AS = {"colmap_text": "colmap", "dl3dv_folder": "nerfstudio"}
+READ_AS = {"colmap_text": "colmap", "dl3dv_folder": "nerfstudio", "dl3dv_benchmark_folder": "nerfstudio"}
 
 
 def in_world_of(fmt: str, c2ws: np.ndarray) -> np.ndarray:
     """The generator's cameras in the world frame a capture keeps: its own file's. The DL3DV zip
     reader undoes DL3DV's permuted world, as training does; read as a nerfstudio capture, the
     unzipped scene keeps it (a fixed rotation of the world, which camera normalization removes)."""
-    if fmt != "dl3dv_folder":
+    if fmt not in ("dl3dv_folder", "dl3dv_benchmark_folder"):
         return c2ws
     return opengl_to_opencv(opencv_to_nerfstudio(torch.from_numpy(c2ws))).numpy()
 
@@ -154,6 +157,7 @@ def test_four_formats_read_back_the_generators_cameras_and_give_identical_gaussi
         with open_capture(path) as capture:
             meta = capture.meta
             assert meta.format == READ_AS.get(fmt, fmt) and meta.problems() == [], fmt
+            assert meta.name == scene.path.stem or fmt not in ("dl3dv", "dl3dv_benchmark_folder"), meta.name
             assert meta.num_frames == FRAMES and tuple(meta.image_hw) == HW, fmt
             assert np.abs(meta.c2ws - in_world_of(fmt, scene.c2ws)).max() < 1e-6, fmt
             assert np.abs(meta.intrinsics - scene.intrinsics).max() < 1e-6, fmt
@@ -356,3 +360,13 @@ def test_the_timing_script_runs_on_the_cpu_and_reports_every_phase(tmp_path):
     assert set(phases) == {"read", "preprocess", "model", "render_metrics", "write", "end_to_end"}
     assert phases["end_to_end"] == pytest.approx(sum(v for k, v in phases.items() if k != "end_to_end"), rel=0.2)
     assert len(list((tmp_path / "out").glob("*/gaussians.ply"))) == 3
+
+
+def test_a_second_run_into_the_same_folder_leaves_none_of_the_first_runs_renders_or_video(room, tmp_path):
+    scene, paths = room
+    out = tmp_path / "out"
+    reconstruct(paths["dl3dv"], out, "--video_frames", "3")
+    assert (out / "path.mp4").is_file() and len(list((out / "renders").glob("*.png"))) == FRAMES - 4
+    reconstruct(paths["dl3dv"], out, "--context_frames", "0", "3", "5", "7")  # other targets, no video
+    assert not (out / "path.mp4").exists()
+    assert sorted(p.name[:3] for p in (out / "renders").glob("*.png")) == ["001", "002", "004", "006"]

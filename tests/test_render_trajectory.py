@@ -104,3 +104,19 @@ def test_script_lists_every_start_up_problem_and_exits_2(tmp_path):
     assert any("--ckpt" in line and "missing.safetensors" in line for line in rest)
     assert any("--workspace" in line and "config.yaml" in line for line in rest)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_released_checkpoint_needs_no_preset_and_another_is_asked_for_one(tmp_path):
+    from tokengs.demo import SHIPPED_CHECKPOINT
+
+    root = tmp_path / "data"
+    generate("dl3dv_eval", root, 1, frames=12, height=48, width=80, eval_context=4)
+    done = render_trajectory("--ckpt", SHIPPED_CHECKPOINT, "--root", root, "--out_dir", tmp_path / "out",
+                             "--frames", "4", "--fps", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "out").glob("trajectory_*.mp4"))) == 1
+    renamed = tmp_path / "mine.safetensors"
+    renamed.write_bytes(SHIPPED_CHECKPOINT.read_bytes())
+    done = render_trajectory("--ckpt", renamed, "--root", root, "--out_dir", tmp_path / "out2")
+    assert done.returncode == 2 and done.stderr.startswith("error: fix 1 problem(s)"), done.stderr
+    assert f"--preset: name the preset of --ckpt {renamed}" in done.stderr and "demo" in done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -381,6 +382,11 @@ def test_without_viser_names_the_install_command(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "viser", None)  # `import viser` now raises ImportError
     error = one_line_error(capsys, [str(write_scene(tmp_path))])
     assert 'pip install -e ".[viewer]"' in error, error
+    # the commands' "look at it" lines say to install it only where it is missing
+    assert view.view_command(tmp_path) == f'python -m tokengs.view {tmp_path}  (pip install -e ".[viewer]" first)'
+    monkeypatch.delitem(sys.modules, "viser")
+    installed = importlib.util.find_spec("viser") is not None
+    assert (view.view_command(tmp_path) == f"python -m tokengs.view {tmp_path}") == installed
 
 
 # ---------------------------------------------------------------------------------------------

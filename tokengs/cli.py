@@ -72,6 +72,9 @@ def _normalize_bools(args: list[str]) -> list[str]:
                 out.append(f"--{name}" if value.lower() in _TRUE else f"--no-{name}")
                 i += 1 if "=" in arg else 2
                 continue
+            if value is not None and ("=" in arg or not value.startswith("-")):
+                fail(f"--{name} is a switch: give it alone (--no-{name} turns it off) or as --{name} True|False, "
+                     f"not {value!r}")
         out.append(arg)
         i += 1
     return out
@@ -154,7 +157,10 @@ def parse_options(argv: Optional[Sequence[str]] = None, prog: str = "tokengs",
         _pop_flag(args, flag)
     args = [arg for arg in args if arg not in switches]
     config_path = _pop_flag(args, "--config", "the path of a config.yaml")
-    if config_path is None and args and args[0] not in config_defaults and not args[0].startswith("-"):
+    if config_path is None and args and args[0].startswith("-"):
+        fail(f"name a preset before the flags ({prog} PRESET {args[0]} ...) or pass --config W/config.yaml; "
+             f"`{prog} --help` lists the presets")
+    if config_path is None and args and args[0] not in config_defaults:
         close = difflib.get_close_matches(args[0], config_defaults, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         fail(f"unknown preset {args[0]!r}{hint}; `{prog} --help` lists the presets")
@@ -166,23 +172,42 @@ def parse_options(argv: Optional[Sequence[str]] = None, prog: str = "tokengs",
             if config_path is not None:
                 base = Options.load_yaml(config_path)
                 return tyro.cli(Options, default=base, args=args, prog=f"{prog} --config {config_path}",
-                                description=f"The options of {config_path}; a flag changes any one of them.")
+                                description=f"The options of {config_path}; a flag changes any one of them.",
+                                use_underscores=True)
             configs = {name: (config_doc[name], opt) for name, opt in config_defaults.items()}
-            return tyro.extras.overridable_config_cli(configs, args=args, prog=prog)
+            # flags spelled as the release and the README spell them (tyro takes hyphens too)
+            return tyro.extras.overridable_config_cli(configs, args=args, prog=prog, use_underscores=True)
     except OptionsError as exc:
         fail(str(exc))
     except SystemExit as exc:
         if exc.code in (0, None):
             raise
-        fail(_first_message(captured.getvalue()))
+        fail(_reworded(_first_message(captured.getvalue())))
+
+
+_PARSE_ERROR = re.compile(r"Error parsing (--\w+): (.*)")
+_BAD_LITERAL = {"int()": "an integer", "float": "a number"}
+
+
+def _reworded(message: str) -> str:
+    """tyro's 'Error parsing --flag: <python's conversion error>' -> '--flag takes an integer, not '2.5''."""
+    parsed = _PARSE_ERROR.fullmatch(message)
+    if parsed is None:
+        return message
+    flag, detail = parsed.groups()
+    value = re.search(r": ('.*')$", detail)
+    kind = next((kind for marker, kind in _BAD_LITERAL.items() if marker in detail), None)
+    if kind is None or value is None:
+        return f"{flag}: {detail}"
+    return f"{flag} takes {kind}, not {value.group(1)}"
 
 
 def _first_message(boxed: str) -> str:
     """tyro's boxed error -> its message on one line (the text before the first rule)."""
     lines = []
     for line in boxed.splitlines()[1:]:
-        text = line.strip().strip("│╭╮╰╯").strip()
-        if not text or text.startswith("─"):
+        text = line.strip().strip("│|╭╮╰╯").strip()
+        if not text.strip("─-"):  # a rule: box-drawing, or ASCII where the output is not a terminal
             if lines:
                 break
             continue
@@ -287,6 +312,14 @@ def exit_skipping_teardown(call: Callable[[], typing.Any]) -> typing.NoReturn:
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(code)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for a command: a mistake is one line, `error: WHAT; PROG --help lists the options`,
+    exit 2 (argparse prints its usage block first, burying what to fix under it)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        fail(f"{message}; `{self.prog} --help` lists the options")
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

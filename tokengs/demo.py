@@ -16,7 +16,6 @@ SIGTERM or Ctrl-C during the fine-tuning saves its checkpoint and stops; the sam
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from tokengs.cli import add_debug_flag, entry_point
+from tokengs.cli import CommandParser, add_debug_flag, entry_point
 from tokengs.options import Options, get_preset
 
 log = logging.getLogger("tokengs.demo")
@@ -173,8 +172,10 @@ def training_curve(workspace: Path, out: Path, checkpoint: Optional[Path]) -> Pa
 
 
 class PhaseTimes:
-    """Seconds spent in each phase of the demo, summed over every run that worked on it (a run
-    that resumes adds to what the interrupted one spent); kept in a JSON file."""
+    """Seconds spent in each phase of the demo by this run, plus those of the interrupted runs it
+    resumes (not those of a finished run before it); kept in a JSON file."""
+
+    FINISHED = "finished"  # the key marking a run that got to its summary
 
     def __init__(self, path: Path):
         from tokengs import workspace as ws
@@ -183,7 +184,9 @@ class PhaseTimes:
         self.seconds: dict[str, float] = {}
         if path.is_file():
             with ws.reading(path, "delete it (it only sums the time of the demo's phases)"):
-                self.seconds = {name: float(seconds) for name, seconds in json.loads(path.read_text()).items()}
+                recorded = json.loads(path.read_text())
+                if not recorded.pop(self.FINISHED, False):
+                    self.seconds = {name: float(seconds) for name, seconds in recorded.items()}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -193,6 +196,10 @@ class PhaseTimes:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             self.path.write_text(json.dumps(self.seconds, indent=1))
+
+    def finish(self) -> None:
+        """Mark the run finished: the next run times itself afresh."""
+        self.path.write_text(json.dumps({**self.seconds, self.FINISHED: True}, indent=1))
 
 
 def read_summary(workspace: Path) -> dict:
@@ -204,9 +211,10 @@ def read_summary(workspace: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def run(out: Path, data_root: Path, preset: Optional[str] = None, quick: bool = False, train_scenes: int = 48,
-        eval_scenes: int = 6, checkpoint: Optional[Path] = SHIPPED_CHECKPOINT) -> dict:
-    """Every step of the demo; returns the summary it writes to OUT/summary.json. Raises
-    DemoStopped when SIGTERM or Ctrl-C stopped the fine-tuning (its checkpoint is saved)."""
+        eval_scenes: int = 6, checkpoint: Optional[Path] = SHIPPED_CHECKPOINT, retrain: bool = False) -> dict:
+    """Every step of the demo; returns the summary it writes to OUT/summary.json. A finished
+    fine-tuning is reused unless `retrain`. Raises DemoStopped when SIGTERM or Ctrl-C stopped the
+    fine-tuning (its checkpoint is saved)."""
     from tokengs import evaluate as evaluation
     from tokengs import train as training
     from tokengs import workspace as ws
@@ -214,7 +222,7 @@ def run(out: Path, data_root: Path, preset: Optional[str] = None, quick: bool = 
     preset = preset or ("demo_gpu" if torch.cuda.is_available() else "demo")
     out.mkdir(parents=True, exist_ok=True)
     times = PhaseTimes(out / "timings.json")
-    opt = train_options(preset, data_root, out, quick, checkpoint)
+    opt = train_options(preset, data_root, out, quick, checkpoint).evolve(retrain=retrain)
     with times.phase("data_s"):
         make_data(data_root, opt.num_input_views, train_scenes, eval_scenes, quick)
 
@@ -253,10 +261,13 @@ def run(out: Path, data_root: Path, preset: Optional[str] = None, quick: bool = 
                   "training_curve": str(curve), "checkpoint": str(trained)},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    times.finish()
     return summary
 
 
 def report(summary: dict) -> str:
+    from tokengs.view import view_command
+
     base_psnr, base_ssim = summary["psnr_mean_colour_baseline"], summary["ssim_mean_colour_baseline"]
     lines = [
         "",
@@ -276,8 +287,7 @@ def report(summary: dict) -> str:
         "  files:",
     ]
     lines += [f"    {name:15s} {path}" for name, path in summary["files"].items()]
-    lines.append(f"  look at it: python -m tokengs.view {Path(summary['files']['ply']).parent}  "
-                 '(pip install -e ".[viewer]" first)')
+    lines.append(f"  look at it: {view_command(Path(summary['files']['ply']).parent)}")
     return "\n".join(lines)
 
 
@@ -286,17 +296,21 @@ def main(argv: Sequence[str]) -> None:
     """`python -m tokengs.demo`: errors follow `tokengs.cli.entry_point`'s rule."""
     from tokengs.threads import configure_cpu_threads
 
-    parser = argparse.ArgumentParser(prog="python -m tokengs.demo", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m tokengs.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("workspace/demo"), help="where the results go")
     parser.add_argument("--data", type=Path, default=Path("data/synthetic"), help="where the synthetic rooms go")
     parser.add_argument("--preset", choices=("demo", "demo_gpu"), help="default: demo_gpu with CUDA, else demo")
     parser.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT),
                         help="weights to start from; 'none' trains the preset's model from scratch")
     parser.add_argument("--quick", action="store_true", help="a seconds-long run of every step (tests)")
-    parser.add_argument("--train_scenes", type=int, default=48)
-    parser.add_argument("--eval_scenes", type=int, default=6)
+    parser.add_argument("--train_scenes", type=int, default=48, help="rooms to fine-tune on, when none are there yet")
+    parser.add_argument("--eval_scenes", type=int, default=6, help="held-out rooms, when none are there yet")
+    parser.add_argument("--retrain", action="store_true", help="fine-tune again (a finished fine-tuning is reused)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    for flag, count in (("--train_scenes", args.train_scenes), ("--eval_scenes", args.eval_scenes)):
+        if count < 1:
+            parser.error(f"{flag} must be at least 1, not {count}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     checkpoint = None if args.checkpoint.lower() == "none" else Path(args.checkpoint)
     if checkpoint is not None and not checkpoint.is_file():
@@ -304,7 +318,8 @@ def main(argv: Sequence[str]) -> None:
                        f"{SHIPPED_CHECKPOINT}, another demo checkpoint, or 'none' to train from scratch\n")
     configure_cpu_threads()
     try:
-        summary = run(args.out, args.data, args.preset, args.quick, args.train_scenes, args.eval_scenes, checkpoint)
+        summary = run(args.out, args.data, args.preset, args.quick, args.train_scenes, args.eval_scenes, checkpoint,
+                      args.retrain)
     except DemoStopped as stopped:
         print(stopped, file=sys.stderr)
         raise SystemExit(0)

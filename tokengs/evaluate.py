@@ -198,6 +198,8 @@ def result_summary(workspace: Path, report: dict) -> str:
     """The run's outcome for the terminal, from workspace/metrics.json as read back (`report`), so
     that it shows exactly what the reports hold: the mean of each quality metric over the scenes
     and where the reports are."""
+    from tokengs.view import view_command
+
     means = [f"{name.upper()} {report['summary'][name]['mean']:.4f}" for name in QUALITY if name in report["summary"]]
     not_computed = ", ".join(name.upper() for name in report["not_computed"])
     not_computed = f" ({not_computed} not computed)" if not_computed else ""
@@ -206,7 +208,7 @@ def result_summary(workspace: Path, report: dict) -> str:
             f"  per-scene scores: {workspace / 'metrics.txt'}\n"
             f"  machine-readable: {workspace / 'metrics.json'}")
     if (workspace / "gaussians").is_dir():  # dumped scenes (--eval_n_media_dumps)
-        text += f"\n  look at them:     python -m tokengs.view {workspace / 'gaussians'}"
+        text += f"\n  look at them:     {view_command(workspace / 'gaussians')}"
     return text
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from tokengs import workspace as ws
-from tokengs.cli import add_debug_flag, entry_point
+from tokengs.cli import CommandParser, add_debug_flag, entry_point
 from tokengs.options import Options, OptionsError
 from tokengs.threads import usable_cores
 
@@ -363,6 +363,9 @@ def write_outputs(request: Request, opt: Options, batch: "Batch", packed: Tensor
     out, context, names = request.out, batch.context, capture.meta.frame_names
     renders = out / "renders"
     renders.mkdir(parents=True, exist_ok=True)
+    # an earlier run's renders and video would pass for this run's (other targets, no video asked)
+    for stale in [*renders.glob("*.png"), out / "path.mp4"]:
+        stale.unlink(missing_ok=True)
     files = {"gaussians": out / "gaussians.ply", "cameras": out / CAMERAS_FILE, "renders": renders,
              "metrics": out / "metrics.txt"}
 
@@ -416,6 +419,8 @@ def write_video(opt: Options, packed: Tensor, batch: "Batch", path: Path, frames
 
 def summary(result: Result, label: str) -> str:
     """The run's outcome for the terminal: what was reconstructed, its scores and every file."""
+    from tokengs.view import view_command
+
     capture, meta = result.capture, result.capture.meta
     phases = ", ".join(f"{name.replace('_', ' + ')} {seconds:.2f}" for name, seconds in result.seconds.items())
     lines = [f"reconstructed {meta.name} ({meta.format}, {meta.num_frames} frames, {label}) in "
@@ -426,7 +431,7 @@ def summary(result: Result, label: str) -> str:
         lines.append(f"  targets          {len(result.scores)}: mean PSNR {psnr:.2f} dB, SSIM {ssim:.3f}")
     lines.append(f"  gaussians        {result.files['gaussians']} ({result.num_gaussians} Gaussians)")
     lines += [f"  {what:16s} {path}" for what, path in result.files.items() if what != "gaussians"]
-    lines.append(f'  look at it: python -m tokengs.view {result.out}  (pip install -e ".[viewer]" first)')
+    lines.append(f"  look at it: {view_command(result.out)}")
     return "\n".join(lines)
 
 
@@ -435,7 +440,7 @@ def summary(result: Result, label: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tokengs.reconstruct", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m tokengs.reconstruct", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scene", required=True, type=Path,
                         help="a COLMAP model (sparse/0/ beside images/), a nerfstudio or instant-ngp transforms.json "
                              "(or its folder), or a DL3DV scene zip")
@@ -460,6 +465,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error("--preset goes with --ckpt; a workspace's config.yaml holds its options")
     if args.context is not None and args.context < 1:
         parser.error("--context must be at least 1")
+    if args.scene_scale is not None and not args.scene_scale > 0:
+        parser.error(f"--scene_scale must be positive, not {args.scene_scale} (it multiplies camera translations)")
+    if args.video_frames < 0:
+        parser.error(f"--video_frames must be 0 (no video) or more, not {args.video_frames}")
     return args
 
 

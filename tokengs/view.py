@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from tokengs.cli import add_debug_flag, entry_point
+from tokengs.cli import CommandParser, add_debug_flag, entry_point
 from tokengs.scene_files import CameraRecord, SceneFileError, cameras_beside, read_cameras, tracks_beside
 
 INSTALL = 'pip install -e ".[viewer]"'
@@ -334,6 +334,18 @@ def load_first(scenes: list[SceneSource], given: Path) -> tuple[list[SceneSource
 # The server
 # ---------------------------------------------------------------------------------------------
 
+def view_command(path: Path) -> str:
+    """The command that shows `path`, with how to install the viewer where viser is missing."""
+    import importlib.util
+
+    try:
+        missing = importlib.util.find_spec("viser") is None
+    except ValueError:  # sys.modules holds None for it: imports of it fail
+        missing = True
+    install = f"  ({INSTALL} first)" if missing else ""
+    return f"python -m tokengs.view {path}{install}"
+
+
 def import_viser():
     try:
         import viser
@@ -524,7 +536,7 @@ def browser_url(host: str, port: int) -> str:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path, help="a PLY written by tokengs, or a folder of them (reconstruct, demo "
                                                 "or evaluation output)")
     parser.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080; 0: any free port)")

@@ -8,7 +8,9 @@
 |               | frame, frames[].file_path and transform_matrix                             |
 | instant_ngp   | the same file with camera_angle_x (optional camera_angle_y, cx, cy, w, h)  |
 |               | in place of fl_x / fl_y; a file_path without a suffix finds the image      |
-| dl3dv         | a DL3DV scene zip, read by the DL3DV reader (`tokengs.data.dl3dv`)          |
+| dl3dv         | a DL3DV scene zip, read by the DL3DV reader (`tokengs.data.dl3dv`); its    |
+|               | unzipped folder is a nerfstudio capture (a benchmark scene's: the folder   |
+|               | holding `gaussian_splat/`, or that folder)                                 |
 
 `open_capture` returns a `CaptureScene` whose `meta` is the `SceneMeta` every reader produces
 (OpenCV camera-to-world, intrinsics in pixels of the images as read), so that
@@ -52,6 +54,7 @@ from tokengs.data.scene import (SceneError, SceneMeta, SceneRef, Views, check_fr
 FORMATS = ("colmap", "nerfstudio", "instant_ngp", "dl3dv")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 TRANSFORMS = "transforms.json"
+DL3DV_BENCHMARK_DIR = "gaussian_splat"  # an unzipped DL3DV benchmark scene holds its capture in <hash>/gaussian_splat/
 COLMAP_INSTALL = 'pip install -e ".[captures]"'
 # COLMAP camera models: their intrinsics, then the lens they become (see colmap_camera)
 COLMAP_PINHOLE = ("SIMPLE_PINHOLE", "PINHOLE")
@@ -259,7 +262,7 @@ def capture_name(path: Path) -> str:
     if path.suffix.lower() == ".zip":
         return path.stem
     folder = path.parent if path.is_file() else path
-    while folder.name in ("0", "sparse") and folder.parent != folder:
+    while folder.name in ("0", "sparse", DL3DV_BENCHMARK_DIR) and folder.parent != folder:
         folder = folder.parent
     return folder.resolve().name or "capture"
 
@@ -272,6 +275,8 @@ def open_capture(path: Path, fmt: Optional[str] = None) -> CaptureScene:
     if not path.exists():
         raise SceneError(path, "no such file or folder")
     name = capture_name(path)
+    if path.is_dir() and (path / DL3DV_BENCHMARK_DIR).is_dir():
+        path = path / DL3DV_BENCHMARK_DIR
     if fmt == "dl3dv" or (fmt is None and path.is_file() and path.suffix.lower() == ".zip"):
         return _open_dl3dv(SceneRef(name, path))
     if fmt in ("nerfstudio", "instant_ngp") or (fmt is None and transforms_file(path) is not None):
@@ -457,7 +462,8 @@ def _open_transforms(name: str, path: Path, fmt: Optional[str]) -> CaptureScene:
     """A nerfstudio or instant-ngp capture (fmt None: told apart by `json_flavour`)."""
     metadata = transforms_file(path)
     if metadata is None:
-        raise SceneError(path, f"no {TRANSFORMS} here (nerfstudio or instant-ngp)")
+        zipped = " (a DL3DV scene zip is the dl3dv format; reconstruct recognises it)" if path.suffix == ".zip" else ""
+        raise SceneError(path, f"no {TRANSFORMS} here (nerfstudio or instant-ngp){zipped}")
     data = read_json(metadata)
     fmt = fmt or json_flavour(data)
     frames = data["frames"]

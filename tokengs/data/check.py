@@ -18,12 +18,12 @@ Exits 1 when there is any, else 0. `--json OUT` writes {"dataset", "root", "scen
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from tokengs.cli import CommandParser, entry_point
 from tokengs.data.captures import FORMATS, CaptureReader
 from tokengs.data.registry import evaluation_json_path, load_evaluation_json, make_reader, parse_name
 from tokengs.data.scene import DataLoadError, SceneError
@@ -141,23 +141,35 @@ def check(name: str, root: Path, num_input_views: int = 2) -> Dict:
     return report
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """`python -m tokengs.data.check`: 0 when every scene reads, 1 when the report lists problems;
+    a wrong flag, an unknown preset or dataset, or a root that does not exist: one line, exit 2."""
+    from tokengs.options import OptionsError, get_preset
+    from tokengs.startup import raise_problems
+
+    parser = CommandParser(prog="python -m tokengs.data.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="registry name: dl3dv, dl3dv_eval, re10k or kubric (_scaled_X accepted); or a "
                                      "capture format: colmap, nerfstudio or instant_ngp")
     parser.add_argument("--root", required=True, help="dataset root, or the capture")
     parser.add_argument("--json", help="write the per-scene report here")
     parser.add_argument("--preset", help="count the context views of this preset in the frames a scene needs")
     args = parser.parse_args(argv)
-    num_input_views = 2
+    problems, num_input_views = [], 2
     if args.preset:
-        from tokengs.options import get_preset
-
-        num_input_views = get_preset(args.preset).num_input_views
-    try:
-        report = check(args.name, Path(args.root), num_input_views)
-    except ValueError as exc:
-        parser.error(str(exc))
+        try:
+            num_input_views = get_preset(args.preset).num_input_views
+        except OptionsError as exc:
+            problems.append(f"--preset: {exc}")
+    if args.name not in CAPTURE_FORMATS:
+        try:
+            parse_name(args.name)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if not Path(args.root).exists():
+        problems.append(f"--root {args.root} does not exist")
+    raise_problems(problems, "checking")
+    report = check(args.name, Path(args.root), num_input_views)
     for problem in report["problems"]:
         print(f"PROBLEM {problem['scene'] or '-'}: {problem['problem']}")
     print(f"{args.name} at {args.root}: {len(report['scenes'])} scene(s) read, {len(report['problems'])} problem(s)")

@@ -200,7 +200,8 @@ def dataset_root_problems(opt) -> List[str]:
             problems.append(f"dataset {name}: cannot list scenes under {reader.root} ({exc})")
             continue
         if not scenes:
-            problems.append(f"dataset {name}: no scenes under {reader.root} in its layout (data/DATA.md)")
+            problems.append(f"dataset {name}: no scenes under {reader.root} in its layout (data/DATA.md); pass "
+                            "--dataset_kwargs root_path DIR where they are")
             continue
         if stage == "train" and len(scenes) <= opt.batch_size:
             problems.append(f"dataset {name}: {len(scenes)} scenes under {reader.root}; training holds out the last "

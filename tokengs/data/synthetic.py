@@ -2,7 +2,7 @@
 download.
 
     python -m tokengs.data.synthetic --layout {dl3dv,dl3dv_eval,re10k,kubric} --out DIR
-        [--scenes N --seed S --frames F --height H --width W --cameras C --eval-context K]
+        [--scenes N --seed S --frames F --height H --width W --cameras C --eval_context K]
 
 A scene is a handful of textured primitives (a room or a ground and a sky dome, boxes, spheres)
 ray-cast with numpy through pixel centers; textures are scikit-image's sample photographs (a
@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from tokengs import cameras
+from tokengs.cli import CommandParser
 
 LAYOUTS = ("dl3dv", "dl3dv_eval", "re10k", "kubric")
 # (frames, height, width) per layout: small enough to generate in seconds on one core.
@@ -613,7 +614,7 @@ def _write_scene(layout: str, out: Path, seed: int, frames: int, hw, cameras_per
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = CommandParser(prog="python -m tokengs.data.synthetic", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", required=True, choices=LAYOUTS)
     parser.add_argument("--out", required=True, help="dataset root to write (created)")
@@ -625,7 +626,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--height", type=int, help="image height; default per layout (small)")
     parser.add_argument("--width", type=int, help="image width; default per layout (small)")
     parser.add_argument("--cameras", type=int, default=9, help="kubric: cameras per scene")
-    parser.add_argument("--eval-context", type=int, default=2, help="dl3dv_eval: context views in evaluation.json")
+    parser.add_argument("--eval_context", "--eval-context", type=int, default=2,
+                        help="dl3dv_eval: context views in evaluation.json")
     parser.add_argument("--workers", type=int, default=1, help="processes making scenes in parallel")
     args = parser.parse_args(argv)
     start = time.perf_counter()
