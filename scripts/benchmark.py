@@ -54,7 +54,6 @@ Files. `--save_inputs DIR` writes, per case, exactly what was timed:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -73,6 +72,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from tokengs.cli import CommandParser  # noqa: E402
 from tokengs.data import synthetic  # noqa: E402
 from tokengs.data.provider import preprocess_views  # noqa: E402
 from tokengs.data.release_batch import (from_release_dict, load_release_batch, save_release_batch,  # noqa: E402
@@ -617,7 +617,7 @@ def comparison(results: list[dict], earlier: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python scripts/benchmark.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True,
                         help="results.json goes here, and the trained models' cache (DIR/trained/)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))

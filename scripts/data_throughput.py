@@ -10,7 +10,6 @@ samples are independent); compare it with the training step rate.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from tokengs.cli import CommandParser
 from tokengs.data import build_dataset, collate
 from tokengs.data.synthetic import generate
 from tokengs.options import get_preset
@@ -50,7 +50,7 @@ def measure(root: Path, samples: int, workers: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python scripts/data_throughput.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", help="a DL3DV-layout root (default: generate synthetic 960x540 scenes)")
     parser.add_argument("--scenes", type=int, default=2, help="synthetic scenes to generate (one more is held out)")
     parser.add_argument("--frames", type=int, default=24, help="frames per synthetic scene")

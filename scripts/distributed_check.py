@@ -26,7 +26,6 @@ the tiny presets on CPU processes joined over gloo (a check of the script on a m
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tokengs import workspace as ws  # noqa: E402
+from tokengs.cli import CommandParser  # noqa: E402
 from tokengs.options import get_preset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def check_evaluation(args, out: Path, eval_root: Path, report: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python scripts/distributed_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--data", type=Path, default=Path("/tmp/tokengs_distributed"))
     parser.add_argument("--gpus", type=int, default=2)

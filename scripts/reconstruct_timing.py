@@ -22,7 +22,6 @@ one JSON line of the medians. `--smoke` runs the `tiny` preset on 64x96 captures
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from tokengs.cli import CommandParser  # noqa: E402
 from tokengs.data.synthetic import generate  # noqa: E402
 from tokengs.models import TokenGS  # noqa: E402
 from tokengs.options import get_preset  # noqa: E402
@@ -72,7 +72,7 @@ def time_scene(model: TokenGS, opt, request: Request, device: torch.device) -> d
 def main(argv=None) -> dict:
     from tokengs.threads import configure_cpu_threads
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python scripts/reconstruct_timing.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="captures go to OUT/data, results to OUT/out")
     parser.add_argument("--scenes", type=int, default=5, help="timed scenes (one more warms up)")
     parser.add_argument("--preset", default="finetune_dl3dv_6view")

@@ -26,7 +26,6 @@ Gaussians that start on pixels where the ground truth moves vs elsewhere.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -40,6 +39,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tokengs.cameras import path_through_cameras, project_points  # noqa: E402
+from tokengs.cli import CommandParser  # noqa: E402
 from tokengs.data.types import Batch  # noqa: E402
 from tokengs.gaussians import Gaussians  # noqa: E402
 from tokengs.media import save_video, to_uint8  # noqa: E402
@@ -188,7 +188,7 @@ def render_scene(model, opt, dataset, index: int, out: Path, args, device: torch
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python scripts/render_kubric_dyn.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="model weights (.safetensors, .pt, .pth)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", help=f"a dynamic preset (default {DEFAULT_PRESET})")

@@ -25,6 +25,7 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
+from tokengs.cli import CommandParser  # noqa: E402
 from tokengs.gaussians import Gaussians  # noqa: E402
 from tokengs.rendering import render  # noqa: E402
 
@@ -231,7 +232,7 @@ def table(reports: list[dict]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="python scripts/render_parity.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the reports here as JSON")
     parser.add_argument("--fixtures", type=Path, default=default_fixtures(), help="the reference fixtures folder")
     args = parser.parse_args()

@@ -13,7 +13,6 @@ at any point, the weights go to the shipped file with its training curve beside 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from tokengs import workspace as ws  # noqa: E402
+from tokengs.cli import CommandParser  # noqa: E402
 from tokengs.options import Options, get_preset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def main() -> None:
     from tokengs import train
     from tokengs.data.synthetic import generate
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python scripts/train_demo_checkpoint.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=Path("/tmp/tokengs_demo_rooms"))
     parser.add_argument("--rooms", type=int, default=1024)

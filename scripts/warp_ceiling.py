@@ -20,7 +20,6 @@ and the mean colour where no context view sees the pixel. PSNR per room over all
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import zipfile
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from tokengs.cli import CommandParser  # noqa: E402
 from tokengs.data.synthetic import GeneratedScene, evaluation_views, generate  # noqa: E402
 from tokengs.metrics import psnr  # noqa: E402
 
@@ -104,7 +104,7 @@ def room_scores(scene: GeneratedScene, context_frames: Sequence[int], targets: S
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python scripts/warp_ceiling.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=6, help="held-out rooms (the demo evaluates 6)")
     parser.add_argument("--seed", type=int, default=1, help="the demo's held-out rooms use seed 1")
     parser.add_argument("--data", type=Path, help="where to write the rooms (default: a temporary folder)")
