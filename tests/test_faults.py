@@ -826,6 +826,7 @@ MISTAKES = [
     (["--use_wandb", "maybe"], "--use_wandb is a switch: give it alone (--no-use_wandb turns it off) or as "
                                "--use_wandb True|False, not 'maybe'"),
     ([], "name a preset before the flags"),
+    (["--data_mode", "dl3dv", "abc"], "--data_mode cannot take 'dl3dv' 'abc'; `PRESET --help` shows what it takes"),
     (["--deferred_bp", "--mean_of_grads", "per-view"], "deferred_bp and mean_of_grads both change backpropagation"),
     (["--batch_size", "0"], "batch_size=0 is out of range: it must be an integer >= 1; set --batch_size"),
     (["--lr", "nan"], "lr=nan is out of range: it must be a finite number > 0; set --lr"),
@@ -834,7 +835,7 @@ MISTAKES = [
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize("args, says", MISTAKES, ids=["preset", "flag", "type", "integer", "switch", "no-preset",
+@pytest.mark.parametrize("args, says", MISTAKES, ids=["preset", "flag", "type", "integer", "switch", "no-preset", "pairs",
                                                       "conflict", "batch", "lr", "epochs"])
 def test_command_line_mistakes_exit_2_with_one_line_before_any_data(entry, args, says, tmp_path, capsys):
     missing_root = tmp_path / "no_data_here"  # were the data read first, this would be the complaint

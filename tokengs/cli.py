@@ -190,11 +190,15 @@ _BAD_LITERAL = {"int()": "an integer", "float": "a number"}
 
 
 def _reworded(message: str) -> str:
-    """tyro's 'Error parsing --flag: <python's conversion error>' -> '--flag takes an integer, not '2.5''."""
+    """tyro's 'Error parsing --flag: <python's conversion error>' -> '--flag takes an integer, not '2.5''
+    (or what --flag cannot take), and our own checks' messages without tyro's prefix."""
     parsed = _PARSE_ERROR.fullmatch(message)
     if parsed is None:
-        return message
+        return message.removeprefix("Error parsing Options: ")  # our own check's message, as raised
     flag, detail = parsed.groups()
+    unread = re.fullmatch(r"Could not find valid parse for arguments: \[(.*)\]", detail)
+    if unread is not None:
+        return f"{flag} cannot take {unread.group(1).replace(',', '')}; `PRESET --help` shows what it takes"
     value = re.search(r": ('.*')$", detail)
     kind = next((kind for marker, kind in _BAD_LITERAL.items() if marker in detail), None)
     if kind is None or value is None:
