@@ -213,10 +213,11 @@ def main(argv=None) -> None:
     summary = [render_scene(model, opt, dataset, index, args.out_dir, args, device)
                for index in scene_range(dataset, args.scene_idx, args.n_scenes)]
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    shown = lambda motion: "none (no such Gaussian)" if motion is None else f"{motion:.4f}"  # noqa: E731
     for scene in summary:
         print(f"{scene['scene']}: {len(scene['frames'])} frames, {scene['visible_dynamic']} visible dynamic "
-              f"Gaussians; mean track motion {scene['mean_motion_on_moving_pixels']} on moving pixels vs "
-              f"{scene['mean_motion_elsewhere']} elsewhere; files in {Path(scene['files']['tracks_npz']).parent}")
+              f"Gaussians; mean track motion {shown(scene['mean_motion_on_moving_pixels'])} on moving pixels vs "
+              f"{shown(scene['mean_motion_elsewhere'])} elsewhere; files in {Path(scene['files']['tracks_npz']).parent}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ test-time tuning and chunked rendering are also checked in-process.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,15 @@ def test_every_media_file_exists_and_decodes(data, single):
     # the predicted video shows the predicted PNG (up to H.264's loss)
     video = video_frames(single / "videos" / "pred_0-0-0.mp4") / 255
     assert np.abs(video - views(single / "images" / "pred_0-0-0.png", TARGETS)).mean() < 0.05
+
+
+def test_a_new_evaluation_in_a_workspace_replaces_the_earlier_media(data, single, tmp_path):
+    workspace = tmp_path / "again"
+    for folder in ("images", "depths", "videos", "gaussians"):
+        shutil.copytree(single / folder, workspace / folder)  # an earlier run's media of all 3 scenes
+    run("tokengs.evaluate", *evaluate_args(data, workspace, "--eval_n_media_dumps", 1))
+    tags = {path.name.rsplit("_", 1)[-1].split(".")[0] for path in workspace.glob("*/*_*.*")}
+    assert tags == {"0-0-0"}, tags
 
 
 # ---- test-time tuning -------------------------------------------------------------------------

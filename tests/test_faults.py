@@ -435,7 +435,7 @@ def test_a_validation_scene_that_cannot_be_read_is_dropped_and_none_left_stops_a
     assert (workspace / ws.COMPLETE_FILE).exists() and (workspace / "val" / "epoch_0001.png").is_file()
     line = last_line(fails(train_main, train_flags(root, tmp_path / "ws1"), capsys))  # batch 1: the broken one alone
     assert "none of the 1 validation scenes (the last batch_size of each dataset) loads; the first: " in line
-    assert str(broken) in line
+    assert str(broken) in line and not (tmp_path / "ws1" / ws.CONFIG_FILE).exists()  # refused: nothing written
 
 
 def test_resume_flag_naming_another_presets_checkpoint_exits_2_at_start_up(clean_root, tmp_path, capsys):

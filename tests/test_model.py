@@ -215,6 +215,10 @@ def test_save_and_strict_load_round_trip(tmp_path):
     path = tmp_path / "model.safetensors"
     save_model(model, path)
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    other_file = tmp_path / "other"
+    other_file.write_text("")  # the mode Python's files get under this process's umask
+    assert path.stat().st_mode == other_file.stat().st_mode  # not safetensors' 0600
+    other_file.unlink()
     other = _tiny("tiny_latent", seed=2).eval()
     load_model_checkpoint(other, path, strict=True)
     batch = _random_batch(model.opt)

@@ -9,7 +9,8 @@ import typing
 import pytest
 
 from tokengs.cli import parse_options
-from tokengs.options import DOMAINS, Options, OptionsError, config_defaults, config_doc, option_type_hints
+from tokengs.options import (DOMAINS, Options, OptionsError, config_defaults, config_doc, get_preset,
+                             option_type_hints)
 from conftest import SHARED, shared_file
 
 PRESETS_JSON = SHARED / "presets.json"
@@ -177,7 +178,7 @@ def test_cli_preset_and_flags(tmp_path):
         dataset_kwargs={"root_path": "D"}, data_mode=(("dl3dv_scaled_0.15", 2), ("re10k", 1)))
     path = tmp_path / "config.yaml"
     opt.save_yaml(path)
-    assert parse_options(["--config", str(path), "--num_epochs", "3"]) == opt.evolve(num_epochs=3)
+    assert parse_options(["--config", str(path), "--num_epochs", "3"]) == opt.evolve(num_epochs=3, workspace=str(tmp_path))
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -263,3 +264,39 @@ def test_extra_flags_are_listed_and_left_out_of_the_options(capsys, monkeypatch)
         config_defaults["tiny"].evolve(lr=0.5)
     text = help_text(lambda argv: parse_options(argv, extra_flags=extra), ["--help"], capsys, monkeypatch)
     assert re.search(r"^  --trace_file +Where the entry point writes its trace\.", text, re.MULTILINE)
+
+
+def test_dataset_kwargs_flag_changes_the_keys_it_names_and_keeps_the_others(tmp_path):
+    opt = parse_options(["eval_dl3dv_6view", "--dataset_kwargs", "root_path", "/data/dl3dv_eval"])
+    assert opt.dataset_kwargs == {"evaluation_json": "assets/evaluation_idx_dl3dv_depthsplat_6v.json",
+                                  "root_path": "/data/dl3dv_eval"}
+    config = tmp_path / "config.yaml"
+    get_preset("tiny_eval").evolve(workspace=str(tmp_path)).save_yaml(config)
+    opt = parse_options(["--config", str(config), "--dataset-kwargs", "evaluation_json", "J"])
+    assert opt.dataset_kwargs == {"root_path": get_preset("tiny_eval").dataset_kwargs["root_path"],
+                                  "evaluation_json": "J"}
+
+
+def test_a_workspaces_config_names_the_folder_it_is_in_now(tmp_path):
+    recorded, moved = tmp_path / "run", tmp_path / "run_moved"
+    moved.mkdir()
+    get_preset("tiny").evolve(workspace=str(recorded)).save_yaml(moved / "config.yaml")
+    assert parse_options(["--config", str(moved / "config.yaml")]).workspace == str(moved)
+    assert parse_options(["--config", str(moved / "config.yaml"), "--workspace", "elsewhere"]).workspace == "elsewhere"
+    (moved / "config.yaml").rename(moved / "template.yaml")  # not a workspace's own file: its record stands
+    assert parse_options(["--config", str(moved / "template.yaml")]).workspace == str(recorded)
+
+
+def test_a_preset_beside_config_is_refused_in_one_line(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    get_preset("tiny_eval").save_yaml(config)
+    with pytest.raises(SystemExit) as stop:
+        parse_options(["tiny_eval", "--config", str(config)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and line == (f"error: 'tiny_eval' with --config: the config file holds every option; "
+                                             f"pass a preset or --config {config}, not both")
+    config.write_text("lr: [1,\n  2\nseed: 3\n")  # broken YAML: its parser's message, on one line
+    with pytest.raises(SystemExit):
+        parse_options(["--config", str(config)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: config file {config} is not valid YAML (")

@@ -8,9 +8,11 @@ killed go through the real command line in a subprocess; the rest run in this pr
 """
 
 import json
+import logging
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -355,6 +357,20 @@ def test_config_yaml_is_written_before_training(data_root, tmp_path):
     assert ws.read_metadata(tmp_path / "ws") is None
 
 
+def test_resume_flag_on_a_workspace_with_its_own_checkpoint_is_named_as_unused(data_root, tmp_path, caplog):
+    opt = tiny(data_root, tmp_path / "ws")
+    first = Trainer(opt)
+    first.setup()
+    first.save()
+    other = tmp_path / "other.safetensors"
+    shutil.copy(tmp_path / "ws" / ws.MODEL_FILE, other)
+    with caplog.at_level(logging.WARNING, logger="tokengs.train"):
+        Trainer(opt).setup()
+        assert "is not used" not in caplog.text
+        Trainer(opt.evolve(resume=str(other))).setup()
+    assert f"--resume {other} is not used: {tmp_path / 'ws'} holds its own checkpoint (step 0)" in caplog.text
+
+
 def test_complete_workspace_is_trained_again_only_with_retrain(data_root, tmp_path):
     workspace = tmp_path / "ws"
     opt = tiny(data_root, workspace, num_epochs=1, max_iters_per_epoch=2)
@@ -363,8 +379,10 @@ def test_complete_workspace_is_trained_again_only_with_retrain(data_root, tmp_pa
     saved_at = ws.read_metadata(workspace)["time"]
     assert run(opt)
     assert ws.read_metadata(workspace)["time"] == saved_at, "a COMPLETE workspace was trained again"
+    events = sorted((workspace / "tensorboard").glob("events.out.tfevents*"))
     assert run(opt.evolve(retrain=True))
     assert ws.read_metadata(workspace)["time"] > saved_at
+    assert not set(events) & set((workspace / "tensorboard").glob("events.out.tfevents*"))  # the old curves went
     assert step_of(workspace) == 2 and (workspace / ws.COMPLETE_FILE).exists()
     again = load_file(workspace / ws.MODEL_FILE)  # from the start with the same seed: the same weights
     assert max((again[k] - first[k]).abs().max().item() for k in first) <= 1e-6

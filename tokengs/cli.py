@@ -31,12 +31,13 @@ import sys
 import textwrap
 import traceback
 import typing
+from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 from tokengs.errors import UserError
 from tokengs.options import Options, OptionsError, config_defaults, config_doc
-from tokengs.workspace import disk_fault
+from tokengs.workspace import CONFIG_FILE, disk_fault
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Options)}
 _BOOL_FIELDS = {name for name, hint in typing.get_type_hints(Options).items() if hint is bool}
@@ -157,6 +158,9 @@ def parse_options(argv: Optional[Sequence[str]] = None, prog: str = "tokengs",
         _pop_flag(args, flag)
     args = [arg for arg in args if arg not in switches]
     config_path = _pop_flag(args, "--config", "the path of a config.yaml")
+    if config_path is not None and args and not args[0].startswith("-"):
+        fail(f"{args[0]!r} with --config: the config file holds every option; pass a preset or --config "
+             f"{config_path}, not both")
     if config_path is None and args and args[0].startswith("-"):
         fail(f"name a preset before the flags ({prog} PRESET {args[0]} ...) or pass --config W/config.yaml; "
              f"`{prog} --help` lists the presets")
@@ -171,12 +175,24 @@ def parse_options(argv: Optional[Sequence[str]] = None, prog: str = "tokengs",
         with contextlib.redirect_stderr(captured):
             if config_path is not None:
                 base = Options.load_yaml(config_path)
-                return tyro.cli(Options, default=base, args=args, prog=f"{prog} --config {config_path}",
-                                description=f"The options of {config_path}; a flag changes any one of them.",
-                                use_underscores=True)
-            configs = {name: (config_doc[name], opt) for name, opt in config_defaults.items()}
-            # flags spelled as the release and the README spell them (tyro takes hyphens too)
-            return tyro.extras.overridable_config_cli(configs, args=args, prog=prog, use_underscores=True)
+                opt = tyro.cli(Options, default=base, args=args, prog=f"{prog} --config {config_path}",
+                               description=f"The options of {config_path}; a flag changes any one of them.",
+                               use_underscores=True)
+            else:
+                base = config_defaults[args[0]] if args else None
+                configs = {name: (config_doc[name], opt) for name, opt in config_defaults.items()}
+                # flags spelled as the release and the README spell them (tyro takes hyphens too)
+                opt = tyro.extras.overridable_config_cli(configs, args=args, prog=prog, use_underscores=True)
+        if config_path is not None and Path(config_path).name == CONFIG_FILE and \
+                not any(_flag_name(arg) == "workspace" for arg in args):
+            # a workspace's own config.yaml: the workspace is where it is now (moved or copied),
+            # not where it was recorded
+            opt = opt.evolve(workspace=str(Path(config_path).parent))
+        if base is not None and any(_flag_name(arg) == "dataset_kwargs" for arg in args):
+            # the given keys change the preset's (or the config's), the others stay: `root_path X`
+            # must not drop an evaluation preset's evaluation_json
+            opt = opt.evolve(dataset_kwargs={**(base.dataset_kwargs or {}), **(opt.dataset_kwargs or {})})
+        return opt
     except OptionsError as exc:
         fail(str(exc))
     except SystemExit as exc:

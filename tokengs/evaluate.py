@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,7 @@ def atomic_text(path: Path, text: str) -> None:
 
 
 MEDIA_FPS = 10
+MEDIA_DIRS = ("images", "depths", "videos", "gaussians")  # what dump_media writes; a new evaluation replaces them
 
 
 def dump_media(workspace: Path, tag: str, batch: Batch, packed: torch.Tensor, render: RenderOutput) -> None:
@@ -236,6 +238,10 @@ def evaluate(opt: Options, checkpoint: Path, strict: bool = False) -> list[Scene
     with ws.claimed(opt.workspace, hold=accelerator.is_main_process):
         scorer = SceneScorer(opt, checkpoint, accelerator)
         work_started()
+        if accelerator.is_main_process:  # an earlier run's media would pass for this one's (another checkpoint)
+            for folder in MEDIA_DIRS:
+                shutil.rmtree(Path(opt.workspace) / folder, ignore_errors=True)
+        accelerator.wait_for_everyone()
         results = scorer.score_mine(strict)
         gathered = sorted(gather_object(results), key=lambda r: r.index)  # every process's, on every process
         if accelerator.is_main_process:

@@ -316,7 +316,8 @@ class Options:
         except FileNotFoundError:
             raise OptionsError(f"config file {path} does not exist; pass the config.yaml of a training workspace") from None
         except yaml.YAMLError as exc:
-            raise OptionsError(f"config file {path} is not valid YAML ({exc}); fix or regenerate it") from None
+            problem = " ".join(str(exc).split())  # YAML's message spans lines: one line here
+            raise OptionsError(f"config file {path} is not valid YAML ({problem}); fix or regenerate it") from None
         if not isinstance(values, dict):
             raise OptionsError(f"config file {path} must hold a mapping of option names to values")
         return cls.from_dict(values, source=str(path))

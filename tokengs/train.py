@@ -12,6 +12,7 @@ import logging
 import math
 import pickle
 import random
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -160,6 +161,14 @@ def startup_problems(opt: Options) -> list[str]:
     return problems + disagreements
 
 
+def _recorded(workspace: Path, field: str):
+    """The value of `field` in the workspace's config.yaml (None where there is none to read)."""
+    try:
+        return getattr(Options.load_yaml(workspace / ws.CONFIG_FILE), field)
+    except (OSError, OptionsError):
+        return None
+
+
 def config_problems(opt: Options) -> list[str]:
     """How the workspace's config.yaml disagrees with opt, besides the RESUMABLE_CHANGES (every difference)."""
     config = Path(opt.workspace) / ws.CONFIG_FILE
@@ -213,11 +222,11 @@ class Trainer:
         torch.manual_seed(opt.seed)
         random.seed(opt.seed)
         np.random.seed(opt.seed)
-        if self.is_main:
-            self.workspace.mkdir(parents=True, exist_ok=True)
-            ws.atomic_write(self.workspace / ws.CONFIG_FILE, opt.save_yaml)
-        acc.wait_for_everyone()
         metadata = ws.read_metadata(self.workspace)
+        if self.is_main and metadata is not None and opt.resume and opt.resume != _recorded(self.workspace, "resume"):
+            log.warning("--resume %s is not used: %s holds its own checkpoint (step %s), which this run continues; "
+                        "--retrain starts the workspace again from --resume", opt.resume, self.workspace,
+                        metadata.get("step"))
 
         self.train_set = build_dataset(opt, "train")
         self.val_set = validation_scenes(build_dataset(opt, "val"))
@@ -244,8 +253,11 @@ class Trainer:
         self.loss = LossComputer(opt, device=acc.device)
         if metadata is not None:
             self._resume(metadata)
-        if self.is_main:
+        if self.is_main:  # only now: a run refused at start-up leaves no trace in the workspace
+            self.workspace.mkdir(parents=True, exist_ok=True)
+            ws.atomic_write(self.workspace / ws.CONFIG_FILE, opt.save_yaml)
             self._init_loggers()
+        acc.wait_for_everyone()
 
     def _resume(self, metadata: dict) -> None:
         """The optimizer, schedule, counters and random streams of the checkpoint (its weights are in the
@@ -582,9 +594,11 @@ def _run(trainer: "Trainer") -> bool:
                 raise_problems(config_problems(opt), "running a COMPLETE workspace (--retrain trains it again)")
                 log.warning("%s is COMPLETE; nothing to do (pass --retrain to train it again)", workspace)
                 return True
-            log.warning("--retrain: training %s again from the start; its checkpoint will be replaced", workspace)
+            log.warning("--retrain: training %s again from the start; its checkpoint and logs will be replaced",
+                        workspace)
             if trainer.is_main:
                 ws.forget_checkpoint(workspace)
+                shutil.rmtree(workspace / "tensorboard", ignore_errors=True)  # else two runs' curves share the steps
         trainer.accelerator.wait_for_everyone()  # every process reads the workspace as the main one left it
         raise_problems(startup_problems(opt), "training")
         trainer.setup()

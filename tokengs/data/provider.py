@@ -294,7 +294,8 @@ class SceneDataset(torch.utils.data.Dataset):
                         self.consecutive_failures, reason)
         if self.consecutive_failures >= self.opt.max_consecutive_load_failures:
             raise DataLoadError(
-                f"{self.consecutive_failures} scenes in a row failed to load (max_consecutive_load_failures="
+                f"{self.consecutive_failures} loads in a row failed ({len(self._logged)} distinct scene(s) failed "
+                f"so far; max_consecutive_load_failures="
                 f"{self.opt.max_consecutive_load_failures}); the last: {reason}. `python -m tokengs.data.check "
                 f"NAME --root ROOT` lists every problem of a dataset") from exc
 

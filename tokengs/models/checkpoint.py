@@ -155,6 +155,15 @@ def load_weights(path: Union[str, Path], mmap: bool = False) -> StateDict:
     return normalize_state_dict(state)
 
 
+def _umasked_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_UMASKED_MODE = _umasked_mode()  # read once, at import: os.umask can only be read by setting it
+
+
 def save_model(model: nn.Module, path: Union[str, Path]) -> None:
     """Write the model's weights as safetensors, atomically: a reader sees the old file or the new one."""
     from safetensors.torch import save_file
@@ -166,6 +175,7 @@ def save_model(model: nn.Module, path: Union[str, Path]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(state, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, _UMASKED_MODE)  # safetensors creates 0600; as the workspace's other files: 0666 less umask
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
