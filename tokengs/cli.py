@@ -183,22 +183,25 @@ def parse_options(argv: Optional[Sequence[str]] = None, prog: str = "tokengs",
                 configs = {name: (config_doc[name], opt) for name, opt in config_defaults.items()}
                 # flags spelled as the release and the README spell them (tyro takes hyphens too)
                 opt = tyro.extras.overridable_config_cli(configs, args=args, prog=prog, use_underscores=True)
-        if config_path is not None and Path(config_path).name == CONFIG_FILE and \
-                not any(_flag_name(arg) == "workspace" for arg in args):
-            # a workspace's own config.yaml: the workspace is where it is now (moved or copied),
-            # not where it was recorded
-            opt = opt.evolve(workspace=str(Path(config_path).parent))
-        if base is not None and any(_flag_name(arg) == "dataset_kwargs" for arg in args):
-            # the given keys change the preset's (or the config's), the others stay: `root_path X`
-            # must not drop an evaluation preset's evaluation_json
-            opt = opt.evolve(dataset_kwargs={**(base.dataset_kwargs or {}), **(opt.dataset_kwargs or {})})
-        return opt
+        return _completed(opt, base, config_path, {_flag_name(arg) for arg in args})
     except OptionsError as exc:
         fail(str(exc))
     except SystemExit as exc:
         if exc.code in (0, None):
             raise
         fail(_reworded(_first_message(captured.getvalue())))
+
+
+def _completed(opt: Options, base: Optional[Options], config_path: Optional[str], flags: set) -> Options:
+    """What two options mean beyond tyro's reading of them. --dataset_kwargs changes the keys it
+    gives and keeps the preset's (or the config's) others: `root_path X` must not drop an
+    evaluation preset's evaluation_json. A workspace's own config.yaml (without --workspace) means
+    the folder the file is in now, moved or copied, not the one recorded in it."""
+    if base is not None and "dataset_kwargs" in flags:
+        opt = opt.evolve(dataset_kwargs={**(base.dataset_kwargs or {}), **(opt.dataset_kwargs or {})})
+    if config_path is not None and Path(config_path).name == CONFIG_FILE and "workspace" not in flags:
+        opt = opt.evolve(workspace=str(Path(config_path).parent))
+    return opt
 
 
 _PARSE_ERROR = re.compile(r"Error parsing (--\w+): (.*)")
