@@ -275,8 +275,17 @@ def test_bad_input_is_one_message_naming_each_file_exit_2_nothing_written(room, 
         image_dir = posixpath.dirname(next(name for name in archive.namelist() if name.endswith(".png")))
         archive.writestr(f"{image_dir}/stray.png", pictures[0][1])
 
+    # Windows separators in file_path: no image found, the message shows the first path it tried
+    backslashed = write_nerfstudio(tmp_path / "backslash", scene.c2ws, scene.intrinsics, pictures, HW)
+    data = json.loads(backslashed.read_text())
+    for frame in data["frames"]:
+        frame["file_path"] = frame["file_path"].replace("/", "\\")
+    backslashed.write_text(json.dumps(data))
+    tried = backslashed.parent / data["frames"][0]["file_path"]
+
     images = nerfstudio.parent / "images"
     cases = {
+        backslashed: ([], [f"none of its {len(pictures)} images is there; the first it looked for: {tried}"]),
         stray_zip: ([], [f"images in {stray_zip}:{image_dir}/ but {len(pictures)} cameras in {stray_zip}:transforms.json "
                          "(1 unposed: stray.png); pose them or move them out"]),
         colmap: ([], ["missing frame " + str(colmap / "images" / "frame_00003.png"),
@@ -321,6 +330,9 @@ def test_context_views_spread_over_the_capture_by_camera_position():
     assert spread_frames(along, 3) == spread_frames(along.copy(), 3)  # deterministic
     # a tripod: every camera at one point -> frames spread through the capture instead
     assert spread_frames(np.zeros((10, 3)), 3) == [0, 4, 9]
+    # ... also where the pose file's rounding left the centers 1e-15 apart (COLMAP's round trip)
+    noise = np.random.default_rng(0).normal(scale=1e-15, size=(10, 3))
+    assert spread_frames(np.full((10, 3), 2.5) + noise, 3) == [0, 4, 9]
     # a loop back to the start: the far side of it, not the frames next to each other in time
     angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
     loop = np.stack([np.cos(angles), np.sin(angles), np.zeros(12)], 1)
@@ -370,3 +382,14 @@ def test_a_second_run_into_the_same_folder_leaves_none_of_the_first_runs_renders
     reconstruct(paths["dl3dv"], out, "--context_frames", "0", "3", "5", "7")  # other targets, no video
     assert not (out / "path.mp4").exists()
     assert sorted(p.name[:3] for p in (out / "renders").glob("*.png")) == ["001", "002", "004", "006"]
+
+
+def test_georeferenced_cameras_give_the_gaussians_of_the_same_cameras_near_the_origin(room, tmp_path):
+    scene, paths = room
+    shifted = scene.c2ws.copy()
+    shifted[:, :3, 3] += (512345.0, 5412345.0, 312.0)  # UTM coordinates, in metres
+    far = write_nerfstudio(tmp_path / "utm", shifted, scene.intrinsics, photos(scene.path), HW)
+    reconstruct(paths["nerfstudio"], tmp_path / "near")
+    reconstruct(far, tmp_path / "far")
+    near, far = read_ply(tmp_path / "near" / "gaussians.ply"), read_ply(tmp_path / "far" / "gaussians.ply")
+    assert np.abs(far - near).max() <= 1e-4

@@ -116,15 +116,18 @@ def spread_frames(positions: np.ndarray, count: int) -> List[int]:
     camera centers positions [N, 3], starting from the camera farthest from their mean, each next
     one the farthest from those chosen. Deterministic: equal distances (cameras that share a
     position, e.g. a tripod's) go to the frame farthest in capture order from those chosen, then
-    the lowest index. Returns the chosen indices in capture order."""
+    the lowest index; distances within 1e-9 of the coordinates' magnitude count as equal (a pose
+    file's rounding: COLMAP's round trip leaves a tripod's centers 1e-15 apart). Returns the chosen
+    indices in capture order."""
     frames = np.arange(len(positions))
+    resolution = 1e-9 * max(1.0, float(np.abs(positions).max(initial=0.0)))
     score = np.linalg.norm(positions - positions.mean(0), axis=1)  # the first: the farthest from the mean
     nearest = np.full(len(positions), np.inf)  # each frame's distance to the nearest chosen camera
     order_gap = np.zeros(len(positions))  # no frame chosen yet: capture order does not decide
     chosen: List[int] = []
     for _ in range(min(count, len(positions))):
         # lexsort: last key first; ties of distance -> larger gap in capture order -> lower index
-        best = int(np.lexsort((frames, -order_gap, -score))[0])
+        best = int(np.lexsort((frames, -order_gap, -np.round(score / resolution)))[0])
         chosen.append(best)
         nearest = np.minimum(nearest, np.linalg.norm(positions - positions[best], axis=1))
         order_gap = np.abs(frames[:, None] - np.array(chosen)[None]).min(1).astype(float)

@@ -326,8 +326,8 @@ def natural_key(path: Path) -> list:
 def _first_image_hw(paths: Sequence[Path], where: Path) -> Tuple[int, int]:
     present = next((p for p in paths if p.is_file()), None)
     if present is None:
-        folders = ", ".join(sorted({str(p.parent) for p in paths})[:3]) or "-"
-        raise SceneError(where, f"none of its {len(paths)} images is there (looked in {folders})")
+        first = f"; the first it looked for: {paths[0]}" if paths else ""
+        raise SceneError(where, f"none of its {len(paths)} images is there{first}")
     try:
         return image_size(present.read_bytes(), str(present))
     except OSError as exc:

@@ -126,7 +126,7 @@ def preprocess_views(opt, rgbs: Tensor, masks: Optional[Tensor], depths: Optiona
     out_hw = tuple(opt.img_size)
     raw_hw = tuple(rgbs.shape[-2:])
     height, width = out_hw
-    rgbs, c2ws, intrinsics = rgbs.float(), c2ws.float(), intrinsics.float()
+    rgbs, intrinsics = rgbs.float(), intrinsics.float()
     if not (rgbs.shape[0] == c2ws.shape[0] == intrinsics.shape[0] == timesteps.shape[0]):
         raise ValueError(f"preprocess_views: {rgbs.shape[0]} images, {c2ws.shape[0]} cameras, "
                          f"{intrinsics.shape[0]} intrinsics and {timesteps.shape[0]} timesteps must agree")
@@ -136,10 +136,12 @@ def preprocess_views(opt, rgbs: Tensor, masks: Optional[Tensor], depths: Optiona
     masks_out = crop_resize(masks.float(), out_hw) if has_mask else torch.ones(images.shape[0], 1, height, width)
     intrinsics_out = cameras.crop_resize_intrinsics(intrinsics, raw_hw, out_hw)
 
-    c2ws = cameras.normalize_cameras(c2ws, n_in, opt.camera_normalization_method)
-    factor = cameras.scene_scale_factor(opt.camera_scale_method, c2ws, n_in, scene_scale, depths, intrinsics,
+    # normalized in float64: georeferenced captures (UTM: 1e6 m) keep their relative poses, which
+    # float32 rounds to half a metre before normalization brings them near the origin
+    c2ws = cameras.normalize_cameras(c2ws.double(), n_in, opt.camera_normalization_method)
+    factor = cameras.scene_scale_factor(opt.camera_scale_method, c2ws.float(), n_in, scene_scale, depths, intrinsics,
                                         (opt.pointmap_trim_lo, opt.pointmap_trim_hi))
-    c2ws = cameras.scale_translations(c2ws, factor)
+    c2ws = cameras.scale_translations(c2ws, factor).float()
 
     if training and opt.random_reflect and torch.rand((), generator=generator) < 0.5:
         images, masks_out = images.flip(-1), masks_out.flip(-1)

@@ -132,7 +132,8 @@ def check_frame_size(image: np.ndarray, name: str, expected_hw: Tuple[int, int])
     """SceneError naming the frame when image [H, W, C] is not the scene's (first frame's) size."""
     if tuple(image.shape[:2]) != tuple(expected_hw):
         raise SceneError(name, f"image is {image.shape[1]}x{image.shape[0]}, the scene's first frame "
-                               f"{expected_hw[1]}x{expected_hw[0]} (frames of mixed size)")
+                               f"{expected_hw[1]}x{expected_hw[0]} (frames of mixed size: resize the photos "
+                               "to one size, with their intrinsics)")
 
 
 def image_size(data: bytes, where: str) -> Tuple[int, int]:
