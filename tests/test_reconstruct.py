@@ -393,3 +393,16 @@ def test_georeferenced_cameras_give_the_gaussians_of_the_same_cameras_near_the_o
     reconstruct(far, tmp_path / "far")
     near, far = read_ply(tmp_path / "near" / "gaussians.ply"), read_ply(tmp_path / "far" / "gaussians.ply")
     assert np.abs(far - near).max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_photos_resized_one_at_a_time_equal_the_stack_resized_at_once(dtype):
+    from tokengs.data.provider import crop_resize
+    from tokengs.data.scene import stack_views
+    from tokengs.reconstruct import images_tensor
+
+    top = np.iinfo(dtype).max
+    photos = [np.random.default_rng(i).integers(0, top, size=(90, 160, 3), endpoint=True).astype(dtype)
+              for i in range(3)]
+    at_once = crop_resize(stack_views(photos, ["a", "b", "c"], (90, 160)), (48, 80))
+    assert torch.equal(images_tensor(photos, torch.device("cpu"), (48, 80)), at_once)

@@ -267,15 +267,20 @@ class PhaseTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def images_tensor(images: Sequence[np.ndarray], device: torch.device) -> Tensor:
-    """[H, W, 3] arrays -> [V, 3, H, W] float in [0, 1] on device; 8-bit photos travel as bytes
-    (a quarter of the float32 traffic) and become floats there."""
+def images_tensor(images: Sequence[np.ndarray], device: torch.device, out_hw: Tuple[int, int]) -> Tensor:
+    """[H, W, 3] photos of one size -> [V, 3, *out_hw] float in [0, 1] on device, each center-cropped
+    and resized by the datasets' `crop_resize` as soon as it is a float image: the float copies of
+    full-size photos (160 MB each at 12 MP) never pile up. 8-bit photos travel as bytes (a quarter
+    of the float32 traffic) and become floats there."""
+    from tokengs.data.provider import crop_resize
     from tokengs.data.scene import stack_views
 
-    if all(image.dtype == np.uint8 for image in images):
-        stacked = torch.from_numpy(np.stack(images)).to(device)
-        return stacked.permute(0, 3, 1, 2).float().div_(255.0)
-    return stack_views(images, [str(i) for i in range(len(images))], images[0].shape[:2]).to(device)
+    def as_float(image: np.ndarray) -> Tensor:  # [1, 3, H, W]
+        if image.dtype == np.uint8:
+            return torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float().div_(255.0)
+        return stack_views([image], ["photo"], image.shape[:2]).to(device)
+
+    return torch.cat([crop_resize(as_float(image), out_hw) for image in images])
 
 
 def capture_batch(opt: Options, capture: Capture, scale: float, device: torch.device) -> "Batch":
@@ -287,10 +292,12 @@ def capture_batch(opt: Options, capture: Capture, scale: float, device: torch.de
     order = list(capture.context) + list(capture.targets)
     meta = capture.meta
     with torch.device(device):  # the pipeline's own tensors (rays, masks) are made there too
-        views = preprocess_views(opt, images_tensor([capture.images[i] for i in order], device), None, None,
-                                 torch.from_numpy(meta.c2ws[order]).to(device),
+        photos = [capture.images[i] for i in order]  # of one size: the capture's reading checked it
+        images = images_tensor(photos, device, tuple(opt.img_size))
+        views = preprocess_views(opt, images, None, None, torch.from_numpy(meta.c2ws[order]).to(device),
                                  torch.from_numpy(meta.intrinsics[order]).to(device),
-                                 torch.from_numpy(meta.timesteps[order]).to(device), scale)
+                                 torch.from_numpy(meta.timesteps[order]).to(device), scale,
+                                 raw_hw=photos[0].shape[:2])
     return Batch.from_views(views, len(capture.context), [meta.name])
 
 

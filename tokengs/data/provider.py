@@ -113,18 +113,19 @@ def crop_resize(images: Tensor, out_hw: Tuple[int, int]) -> Tensor:
 
 def preprocess_views(opt, rgbs: Tensor, masks: Optional[Tensor], depths: Optional[Tensor], c2ws: Tensor,
                      intrinsics: Tensor, timesteps: Tensor, scene_scale: float, training: bool = False,
-                     generator: Optional[torch.Generator] = None) -> Views:
+                     generator: Optional[torch.Generator] = None, raw_hw: Optional[Tuple[int, int]] = None) -> Views:
     """Raw views of one scene -> its Views, a batch of one [1, V, ...] at opt.img_size.
 
     rgbs [V, 3, Hr, Wr] in [0, 1]; masks [V, 1, Hr, Wr] or None (all ones, has_mask False); depths
     [V, 1, Hr, Wr] or None (needed only by the pointmap scale); c2ws [V, 4, 4] OpenCV; intrinsics
-    [V, 4] in raw pixels; timesteps [V]. The first opt.num_input_views views are the context: the
+    [V, 4] in raw pixels (raw_hw: the size they are for, default the images'; images already
+    cropped and resized by `crop_resize` pass the size they had); timesteps [V]. The first opt.num_input_views views are the context: the
     cameras are normalized to their frame and scaled by opt.camera_scale_method. Training applies
     random reflection (opt.random_reflect) drawn from generator.
     """
     n_in = opt.num_input_views
     out_hw = tuple(opt.img_size)
-    raw_hw = tuple(rgbs.shape[-2:])
+    raw_hw = tuple(raw_hw or rgbs.shape[-2:])
     height, width = out_hw
     rgbs, intrinsics = rgbs.float(), intrinsics.float()
     if not (rgbs.shape[0] == c2ws.shape[0] == intrinsics.shape[0] == timesteps.shape[0]):
