@@ -126,7 +126,10 @@ def test_retrain_fine_tunes_again_and_bad_room_counts_stop_at_start_up(demo_run,
     assert model.stat().st_mtime_ns > before and again["train_steps"] == first["train_steps"]
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        demo.main(["--eval_scenes", "0", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "data")])
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert stop.value.code == 2 and line.startswith("error: --eval_scenes must be at least 1, not 0")
+        demo.main(["--eval_scenes", "0", "--checkpoint", str(tmp_path / "absent.safetensors"),
+                   "--out", str(tmp_path / "out"), "--data", str(tmp_path / "data")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and lines[0] == "error: fix 2 problem(s) before the demo:", lines
+    assert lines[1] == "  - --eval_scenes must be at least 1, not 0"
+    assert lines[2].startswith(f"  - --checkpoint {tmp_path / 'absent.safetensors'} does not exist")
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()

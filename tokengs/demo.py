@@ -294,6 +294,7 @@ def report(summary: dict) -> str:
 @entry_point
 def main(argv: Sequence[str]) -> None:
     """`python -m tokengs.demo`: errors follow `tokengs.cli.entry_point`'s rule."""
+    from tokengs.startup import raise_problems
     from tokengs.threads import configure_cpu_threads
 
     parser = CommandParser(prog="python -m tokengs.demo", description=__doc__.split("\n\n")[0])
@@ -308,14 +309,15 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--retrain", action="store_true", help="fine-tune again (a finished fine-tuning is reused)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    for flag, count in (("--train_scenes", args.train_scenes), ("--eval_scenes", args.eval_scenes)):
-        if count < 1:
-            parser.error(f"{flag} must be at least 1, not {count}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problems = [f"{flag} must be at least 1, not {count}"
+                for flag, count in (("--train_scenes", args.train_scenes), ("--eval_scenes", args.eval_scenes))
+                if count < 1]
     checkpoint = None if args.checkpoint.lower() == "none" else Path(args.checkpoint)
     if checkpoint is not None and not checkpoint.is_file():
-        parser.exit(2, f"error: --checkpoint {checkpoint} does not exist; pass the shipped "
-                       f"{SHIPPED_CHECKPOINT}, another demo checkpoint, or 'none' to train from scratch\n")
+        problems.append(f"--checkpoint {checkpoint} does not exist; pass the shipped {SHIPPED_CHECKPOINT}, another "
+                        "demo checkpoint, or 'none' to train from scratch")
+    raise_problems(problems, "the demo")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_cpu_threads()
     try:
         summary = run(args.out, args.data, args.preset, args.quick, args.train_scenes, args.eval_scenes, checkpoint,
