@@ -630,7 +630,8 @@ def main(argv=None) -> int:
                                                    "directory (DIR/<case>/batch.safetensors)")
     parser.add_argument("--save_inputs", type=Path, help="write each case's weights and batch under DIR/<case>/")
     parser.add_argument("--train_steps", type=int, help=f"steps of --gaussians trained (default {TRAIN_STEPS})")
-    parser.add_argument("--smoke", action="store_true", help="tiny presets, one warm-up step and two timed: checks the script runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny presets, one warm-up step and two timed: checks the script runs")
     parser.add_argument("--warmup", type=int, help="untimed steps per case (default 3; tuning 1)")
     parser.add_argument("--repeats", type=int, help="timed steps per case (default 10; tuning 3)")
     parser.add_argument("--profile", action="store_true", help="also print the top operators of one step per case")

@@ -232,7 +232,8 @@ def table(reports: list[dict]) -> str:
 
 
 def main() -> int:
-    parser = CommandParser(prog="python scripts/render_parity.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="python scripts/render_parity.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the reports here as JSON")
     parser.add_argument("--fixtures", type=Path, default=default_fixtures(), help="the reference fixtures folder")
     args = parser.parse_args()

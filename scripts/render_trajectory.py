@@ -4,10 +4,10 @@
         [--root DATASET_ROOT] [--evaluation_json J] [--scene_idx I] [--n_scenes K] [--frames 120] [--fps 24]
 
 Any checkpoint and any dataset of the registry: the options come from a preset (a released
-checkpoint's own without --preset) or from a training workspace's config.yaml; --root / --evaluation_json override the dataset's. A DL3DV
-root is read in the layout found there (training or benchmark, data/DATA.md), whichever the options
-name. Scenes are the evaluation views of the options' first dataset (the JSON's choice where there is one).
-Per scene: O/trajectory_<scene>.mp4 and O/gaussians_<scene>.ply.
+checkpoint's own without --preset) or from a training workspace's config.yaml; --root /
+--evaluation_json override the dataset's. A DL3DV root is read in the layout found there
+(training or benchmark, data/DATA.md), whichever the options name. Scenes are the evaluation
+views of the options' first dataset (the JSON's choice where there is one). Per scene: O/trajectory_<scene>.mp4 and O/gaussians_<scene>.ply.
 """
 
 from __future__ import annotations

@@ -119,8 +119,8 @@ def preprocess_views(opt, rgbs: Tensor, masks: Optional[Tensor], depths: Optiona
     rgbs [V, 3, Hr, Wr] in [0, 1]; masks [V, 1, Hr, Wr] or None (all ones, has_mask False); depths
     [V, 1, Hr, Wr] or None (needed only by the pointmap scale); c2ws [V, 4, 4] OpenCV; intrinsics
     [V, 4] in raw pixels (raw_hw: the size they are for, default the images'; images already
-    cropped and resized by `crop_resize` pass the size they had); timesteps [V]. The first opt.num_input_views views are the context: the
-    cameras are normalized to their frame and scaled by opt.camera_scale_method. Training applies
+    cropped and resized by `crop_resize` pass the size they had); timesteps [V]. The first
+    opt.num_input_views views are the context: the cameras are normalized to their frame and scaled by opt.camera_scale_method. Training applies
     random reflection (opt.random_reflect) drawn from generator.
     """
     n_in = opt.num_input_views

@@ -615,7 +615,7 @@ def _write_scene(layout: str, out: Path, seed: int, frames: int, hw, cameras_per
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = CommandParser(prog="python -m tokengs.data.synthetic", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", required=True, choices=LAYOUTS)
     parser.add_argument("--out", required=True, help="dataset root to write (created)")
     parser.add_argument("--scenes", type=int, help="scenes to write (re10k: train scenes, and a quarter as many, at "
